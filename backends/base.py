@@ -1,0 +1,77 @@
+"""The backend interface and the target registry (third-party backends plug in through the
+``qcompile.backends`` entry-point group)."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Callable, Sequence
+
+import torch
+
+from qcompile.errors import ConfigError
+from qcompile.ir.graph import Graph, Node
+
+__all__ = ["Backend", "Executable", "register_backend", "get_backend", "all_targets"]
+
+Executable = Callable[..., Sequence[torch.Tensor]]
+
+
+class Backend:
+    """Subclass and register an instance. ``targets`` are the names users pass to compile()."""
+
+    name: str = "backend"
+    targets: tuple[str, ...] = ()
+
+    def supports(self, node: Node) -> bool:
+        """Whether this backend can run ``node``."""
+        raise NotImplementedError
+
+    def cost(self, node: Node, device: str, env: dict[str, int] | None = None) -> float:
+        """Seconds to run ``node`` on ``device`` (measured or modelled); ``env`` binds symbols."""
+        raise NotImplementedError
+
+    def lower(self, graph: Graph, target: str) -> Executable:
+        """Turn a graph into a callable taking and returning torch tensors."""
+        raise NotImplementedError
+
+    def artifacts(self, executable: Executable) -> dict[str, bytes]:
+        """Compiled files to store beside the graph in a saved artifact (none by default)."""
+        return {}
+
+    def load(self, graph: Graph, target: str, files: dict[str, bytes]) -> Executable:
+        """Rebuild the executable from a saved artifact."""
+        return self.lower(graph, target)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_PLUGINS_LOADED = False
+
+
+def register_backend(backend: Backend) -> Backend:
+    for t in backend.targets:
+        _BACKENDS[t] = backend
+    return backend
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for ep in entry_points(group="qcompile.backends"):
+        register_backend(ep.load()())
+
+
+def all_targets() -> list[str]:
+    _load_plugins()
+    return sorted(_BACKENDS)
+
+
+def get_backend(target: str) -> Backend:
+    _load_plugins()
+    if not isinstance(target, str):
+        raise ConfigError(f"a target is a name such as 'reference', got {target!r}")
+    try:
+        return _BACKENDS[target]
+    except KeyError:
+        raise ConfigError(f"unknown target {target!r}",
+                          hint=f"known targets: {', '.join(all_targets())}") from None

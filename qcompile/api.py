@@ -1,0 +1,84 @@
+"""The Python entry points: ``capture`` and ``compile``."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from qcompile.errors import CaptureError, ConfigError
+from qcompile.ir.graph import Graph
+from qcompile.runtime import CompiledModel
+
+__all__ = ["capture", "compile"]
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _is_onnx(model) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return True
+    try:
+        import onnx
+        return isinstance(model, onnx.ModelProto)
+    except ImportError:
+        return False
+
+
+def capture(model, example_inputs=None, *, dynamic_shapes=None, method: str = "auto") -> Graph:
+    """Capture an ``nn.Module`` (on its example inputs: a tensor, a tuple, or a dict of
+    keyword inputs) or an ONNX model (``ModelProto`` or path) into a verified IR graph."""
+    from qcompile.ir.verify import verify
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ConfigError("capturing a torch model needs example_inputs",
+                              hint="pass example_inputs=(tensor, ...) or a dict of named inputs")
+        from qcompile.frontends.pytorch import capture_torch
+        args, kwargs = _split_inputs(example_inputs)
+        graph = capture_torch(model, args, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                              method=method)
+    elif _is_onnx(model):
+        try:
+            from qcompile.frontends.onnx import capture_onnx
+        except ImportError as e:
+            raise ConfigError(f"the ONNX frontend needs the 'onnx' extra ({e})",
+                              hint="pip install 'qcompile[onnx]'") from e
+        graph = capture_onnx(model)
+    else:
+        raise CaptureError(f"cannot capture a {type(model).__name__}",
+                           hint="pass a torch.nn.Module, an onnx.ModelProto or a path to .onnx")
+    verify(graph)
+    return graph
+
+
+def compile(model, target: Any = "reference", *, example_inputs=None, config=None,
+            calibration=None, dynamic_shapes=None) -> CompiledModel:
+    """Capture ``model``, run the pipeline for ``config`` and lower it for ``target``."""
+    from qcompile.backends import get_backend
+    if isinstance(target, (list, tuple)):
+        if len(target) != 1:
+            raise ConfigError(f"multi-device targets {list(target)} need the placement pass, "
+                              "which is not available yet", hint="pass a single target")
+        target = target[0]
+    backend = get_backend(target)  # an unknown target fails before any work
+    if config is not None or calibration is not None:
+        raise ConfigError("quantization configs and calibration data are not supported by "
+                          "this version yet", hint="compile without config= and calibration=")
+    timings = {}
+    t0 = time.perf_counter()
+    graph = model if isinstance(model, Graph) else capture(model, example_inputs,
+                                                            dynamic_shapes=dynamic_shapes)
+    timings["capture_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    executable = backend.lower(graph, target)
+    timings["lower_s"] = time.perf_counter() - t0
+    return CompiledModel(graph, target, executable, config=config, timings=timings)

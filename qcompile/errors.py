@@ -1,0 +1,56 @@
+"""The qcompile error hierarchy: every user-facing failure is a ``QCompileError``.
+
+Messages say what was wrong, where (node, op, provenance) and what to do.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "QCompileError", "CaptureError", "UnsupportedOpError", "VerificationError", "PassError",
+    "BackendError", "ArtifactError", "ConfigError", "InputError",
+]
+
+
+class QCompileError(Exception):
+    """Base class of every error qcompile raises on purpose."""
+
+    def __init__(self, message: str, *, node=None, hint: str | None = None):
+        self.node = node
+        self.hint = hint
+        parts = [message]
+        if node is not None:
+            parts.append(f"  at {node.describe()}")
+        if hint:
+            parts.append(f"  hint: {hint}")
+        super().__init__("\n".join(parts))
+
+
+class CaptureError(QCompileError):
+    """The model could not be captured into the IR (export/trace/ONNX parse failed)."""
+
+
+class UnsupportedOpError(CaptureError):
+    """The model uses an operator outside qcompile's op set."""
+
+
+class VerificationError(QCompileError):
+    """A graph is malformed: bad types, shapes, order or annotations."""
+
+
+class PassError(QCompileError):
+    """A pass failed; the message names the pass and those that ran before it."""
+
+
+class BackendError(QCompileError):
+    """A backend cannot lower or run a (sub)graph."""
+
+
+class ArtifactError(QCompileError):
+    """A saved artifact is missing, corrupt, tampered with or from another version."""
+
+
+class ConfigError(QCompileError):
+    """A configuration, target or option given by the user is invalid."""
+
+
+class InputError(QCompileError):
+    """Run-time inputs do not match what the compiled model expects."""

@@ -1,0 +1,2 @@
+"""The qcompile op set. Importing this package registers every op."""
+from qcompile.ir.ops import elementwise, nn, shape, quant  # noqa: F401
