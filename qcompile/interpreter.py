@@ -30,6 +30,10 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise InputError(f"input '{name}' must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
 def bind_inputs(graph: Graph, inputs: Sequence) -> tuple[list[torch.Tensor], dict[str, int]]:
     """Check run-time inputs against the graph's input types and bind the symbolic sizes."""
     if len(inputs) != len(graph.inputs):
@@ -48,12 +52,12 @@ def bind_inputs(graph: Graph, inputs: Sequence) -> tuple[list[torch.Tensor], dic
                 raise InputError(f"input '{v.name}' has dtype {t.dtype}, expected {v.dtype}")
         if t.dim() != len(v.shape):
             raise InputError(f"input '{v.name}' has shape {list(t.shape)}, expected "
-                             f"{list(v.shape)} (rank {t.dim()} instead of {len(v.shape)})")
+                             f"{_shape(v.shape)} (rank {t.dim()} instead of {len(v.shape)})")
         for d, n in zip(v.shape, t.shape):
             if isinstance(d, str) and dim_expr(d).is_Symbol:
                 if env.setdefault(d, int(n)) != int(n):
                     raise InputError(f"input '{v.name}' has shape {list(t.shape)}, expected "
-                                     f"{list(v.shape)}: '{d}' is already bound to {env[d]}")
+                                     f"{_shape(v.shape)}: '{d}' is already bound to {env[d]}")
         tensors.append(t)
     for v, t in zip(graph.inputs, tensors):
         for d, n in zip(v.shape, t.shape):
@@ -63,7 +67,7 @@ def bind_inputs(graph: Graph, inputs: Sequence) -> tuple[list[torch.Tensor], dic
                 expected = int(n)
             if expected != int(n):
                 raise InputError(f"input '{v.name}' has shape {list(t.shape)}, expected "
-                                 f"{list(v.shape)}" + (f" with {env}" if env else ""))
+                                 f"{_shape(v.shape)}" + (f" with {env}" if env else ""))
     return tensors, env
 
 

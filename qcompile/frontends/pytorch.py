@@ -627,6 +627,16 @@ def capture_torch(model: torch.nn.Module, example_inputs=(), *, example_kwargs=N
     was_training = model.training
     model.eval()
     try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            return _capture(model, args, kwargs, dynamic_shapes, method)
+    finally:
+        model.train(was_training)
+
+
+def _capture(model, args, kwargs, dynamic_shapes, method) -> Graph:
+    if True:
         if method in ("auto", "export"):
             try:
                 ep = _export(model, args, kwargs, dynamic_shapes)
@@ -642,8 +652,6 @@ def capture_torch(model: torch.nn.Module, example_inputs=(), *, example_kwargs=N
                 return _capture_fx(model, args, kwargs, reason=e)
             return _from_exported(ep, model, dynamic_shapes)
         return _capture_fx(model, args, kwargs)
-    finally:
-        model.train(was_training)
 
 
 def _first_line(e: Exception) -> str:

