@@ -46,7 +46,8 @@ def graph_hash(graph: Graph) -> str:
     text = json.dumps(graph_to_json(graph), sort_keys=True).encode()
     h = hashlib.sha256(text)
     for name in sorted(graph.constants):
-        h.update(graph.constants[name].detach().contiguous().cpu().numpy().tobytes())
+        t = graph.constants[name].detach().contiguous().cpu()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 has no numpy
     return h.hexdigest()
 
 

@@ -113,6 +113,8 @@ class OpSchema:
             if v is None and not self._optional(i):
                 raise VerificationError(f"input {i} of {self.name} is required", node=node)
         types = [v.type if v is not None else None for v in node.inputs]
+        if not self.variadic:  # omitted trailing optional inputs read as None
+            types += [None] * (len(self.inputs) - len(types))
         try:
             out = self.infer(types, node.attrs)
         except VerificationError as e:
@@ -139,6 +141,8 @@ class OpSchema:
                     attrs[k] = [eval_dim(d, env) for d in v]
                 elif v is not None:
                     attrs[k] = eval_dim(v, env)
+        if not self.variadic and len(tensors) < len(self.inputs):  # omitted optional inputs
+            tensors = list(tensors) + [None] * (len(self.inputs) - len(tensors))
         out = self.kernel(*tensors, **attrs)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 

@@ -29,7 +29,12 @@ _FROM_TORCH = {v: k for k, v in DTYPES.items()}
 
 
 def to_torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        from qcompile.errors import UnsupportedOpError
+        raise UnsupportedOpError(f"dtype {name!r} is not a qcompile IR dtype",
+                                 hint=f"supported dtypes: {', '.join(DTYPES)}") from None
 
 
 def from_torch_dtype(dtype: torch.dtype) -> str:

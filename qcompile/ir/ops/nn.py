@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qcompile.ir.ops._infer import broadcast_shapes, norm_axis, reduce_shape, same
 from qcompile.ir.registry import Attr, op
-from qcompile.ir.types import TensorType, dim_expr, dims_equal, make_dim
+from qcompile.ir.types import TensorType, dim_expr, dims_equal, is_float, make_dim
 
 __all__: list[str] = []
 
@@ -110,6 +110,10 @@ _POOL_ATTRS = {"kernel": Attr("ints"), "stride": Attr("ints"), "padding": Attr("
 def _pool_out(n, k, s, p, d, ceil):
     e = (dim_expr(n) + 2 * p - d * (k - 1) - 1) / s
     e = (sympy.ceiling(e) if ceil else sympy.floor(e)) + 1
+    if ceil and s > d * (k - 1) + 1 - p:
+        # torch drops a last window that would start inside the right padding (only possible
+        # when the stride exceeds the window's reach past the padding)
+        e = sympy.Piecewise((e - 1, (e - 1) * s >= dim_expr(n) + p), (e, True))
     return make_dim(e)
 
 
@@ -125,9 +129,15 @@ def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
     return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
 
 
+def _avg_pool_infer(t, a):
+    if list(a["dilation"]) != [1, 1]:
+        raise ValueError(f"avg_pool2d has no dilation (torch's kernel ignores it), got {a['dilation']}")
+    return _pool_infer(t, a)
+
+
 @op("avg_pool2d", inputs=("x",),
     attrs={**_POOL_ATTRS, "count_include_pad": Attr("bool", True),
-           "divisor_override": Attr("int", None, True)}, infer=_pool_infer)
+           "divisor_override": Attr("int", None, True)}, infer=_avg_pool_infer)
 def avg_pool2d(x, kernel, stride, padding, dilation, ceil_mode, count_include_pad, divisor_override):
     return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
@@ -204,6 +214,12 @@ def _reduce_infer(t, a):
     return TensorType(reduce_shape(t[0].shape, a["axes"], a["keepdim"]), t[0].dtype)
 
 
+def _sum_infer(t, a):
+    """sum and prod accumulate bool and integer inputs in int64, as torch does."""
+    out = _reduce_infer(t, a)
+    return out if is_float(out.dtype) else TensorType(out.shape, "int64")
+
+
 def _red(fn):
     def kernel(x, axes, keepdim):
         if not axes:
@@ -212,7 +228,7 @@ def _red(fn):
     return kernel
 
 
-op("sum", inputs=("x",), attrs=_RED, infer=_reduce_infer)(
+op("sum", inputs=("x",), attrs=_RED, infer=_sum_infer)(
     _red(lambda x, d, k: torch.sum(x, d, keepdim=k)))
 op("mean", inputs=("x",), attrs=_RED, infer=_reduce_infer)(
     _red(lambda x, d, k: torch.mean(x, d, keepdim=k)))
@@ -220,7 +236,7 @@ op("amax", inputs=("x",), attrs=_RED, infer=_reduce_infer)(
     _red(lambda x, d, k: torch.amax(x, d, keepdim=k)))
 op("amin", inputs=("x",), attrs=_RED, infer=_reduce_infer)(
     _red(lambda x, d, k: torch.amin(x, d, keepdim=k)))
-op("prod", inputs=("x",), attrs=_RED, infer=_reduce_infer)(
+op("prod", inputs=("x",), attrs=_RED, infer=_sum_infer)(
     _red(lambda x, d, k: _prod(x, d, k)))
 
 

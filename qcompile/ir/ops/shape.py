@@ -166,6 +166,7 @@ def _index_infer(t, a):
 @op("index", inputs=("x", "*indices"), attrs={"axes": Attr("ints")}, infer=_index_infer)
 def index(x, *indices, axes):
     """numpy advanced indexing: x[..., i0, ..., i1, ...] with index tensors on ``axes``."""
+    axes = [ax % x.dim() for ax in axes]  # as the shape rule does
     key: list = [slice(None)] * (max(axes) + 1 if axes else 0)
     for ax, i in zip(axes, indices):
         key[ax] = i if i.dtype == torch.bool else i.to(torch.int64)
@@ -198,10 +199,14 @@ def pad(x, pads, mode, value):
     return F.pad(x, pads, mode=mode, value=value if mode == "constant" else None)
 
 
-@op("tile", inputs=("x",), attrs={"repeats": Attr("ints")},
-    infer=lambda t, a: TensorType(tuple(
-        make_dim(dim_expr(d) * r) for d, r in zip(
-            (1,) * (len(a["repeats"]) - t[0].rank) + tuple(t[0].shape), a["repeats"])), t[0].dtype))
+def _tile_infer(t, a):
+    reps, shape = list(a["repeats"]), tuple(t[0].shape)
+    n = max(len(reps), len(shape))  # the shorter one is padded with leading 1s, as torch.tile
+    reps, shape = [1] * (n - len(reps)) + reps, (1,) * (n - len(shape)) + shape
+    return TensorType(tuple(make_dim(dim_expr(d) * r) for d, r in zip(shape, reps)), t[0].dtype)
+
+
+@op("tile", inputs=("x",), attrs={"repeats": Attr("ints")}, infer=_tile_infer)
 def tile(x, repeats):
     return x.repeat(repeats) if len(repeats) >= x.dim() else x.tile(repeats)
 
