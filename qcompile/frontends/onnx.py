@@ -297,7 +297,8 @@ class _Importer:
         self.names_of: dict[int, int] = {}  # IR value id -> how many ONNX names it carries
         self.sym_src: dict[str, tuple[Value, int]] = {}  # symbol -> (graph input, axis)
         self.skip: set[int] = set()  # indices of nodes imported as part of a fused pattern
-        self.cache: dict[tuple, Value] = {}
+        self.display: dict[str, str] = {}  # synthetic known value -> its IR name
+        self.transposes: dict[str, str] = {}  # known weight -> its transposed synthetic value
         self.nodes = list(proto.graph.node)
         self.consumers: dict[str, list[int]] = {}  # ONNX name -> indices of reading nodes
         for index, node in enumerate(self.nodes):
@@ -313,14 +314,27 @@ class _Importer:
             raise UnsupportedOpError(f"ONNX model {self.where} has sparse initializers",
                                      hint="densify them before import")
         for t in g.initializer:
-            self.known[t.name] = numpy_helper.to_array(t)
+            try:
+                self.known[t.name] = numpy_helper.to_array(t)
+            except Exception as e:  # external data that was not loaded, a bad raw buffer
+                raise CaptureError(f"initializer '{t.name}' of {self.where} cannot be read: {e}",
+                                   hint="load the model from its path so that external data "
+                                   "files are found next to it") from e
         self._inputs(g)
         for index, node in enumerate(self.nodes):
             if index not in self.skip:
                 self._import(index, node)
-        self.graph.outputs = [self.value(o.name) for o in g.output]
+        self.graph.outputs = [self._output(o.name) for o in g.output]
         self.graph.remove_dead()  # shape computations that folded away leave dead nodes
         return self.graph
+
+    def _output(self, name: str) -> Value:
+        """Graph outputs keep their ONNX names, also where an op was a no-op alias."""
+        v = self.value(name)
+        if v.name == name:
+            return v
+        return self.graph.add_node("identity", [v], name=name,
+                                   provenance=Provenance(module=name, origin="graph output")).output
 
     # -- inputs -----------------------------------------------------------------------
     def _inputs(self, g: onnx.GraphProto) -> None:
@@ -476,11 +490,12 @@ class _Importer:
 
     def _materialize(self, name: str) -> Value:
         arr = self.known[name]
+        display = self.display.get(name, name)
         if name in self.qweights:
-            return self.constant(name, arr, self._spec(self.qweights[name]))
+            return self.constant(display, arr, self._spec(self.qweights[name]))
         if _is_symbolic(arr):
             return self._materialize_dims(name, arr)
-        return self.constant(name, arr)
+        return self.constant(display, arr)
 
     def _materialize_dims(self, name: str, arr: np.ndarray) -> Value:
         """A shape vector with symbolic entries: computed from the inputs' run-time shapes."""
@@ -528,27 +543,34 @@ class _Importer:
                          group_size=q.block_size or None, scale=self.value(q.scale).name,
                          zero_point=zp)
 
-    def weight_t(self, name: str) -> Value:
-        """Constant ``name`` (2-D [in, out]) transposed to linear's [out, in], with its
-        quantization annotation moved to the transposed axes."""
-        key = ("T", name)
-        if key in self.cache:
-            return self.cache[key]
-        arr = self.known[name]
-        spec = None
-        q = self.qweights.get(name)
-        if q is not None:
-            if q.granularity == Granularity.PER_GROUP:  # scales follow the weight's layout
-                scale = self.constant(f"{name}_scale", self.known[q.scale].T).name
-                zp = self.constant(f"{name}_zero_point", self.known[q.zero_point].T).name \
+    def synthetic(self, display: str, arr: np.ndarray) -> str:
+        """A known value the importer made up; ``display`` names its IR constant."""
+        key = f"\0{len(self.display)}:{display}"  # cannot clash with an ONNX name
+        self.known[key] = arr
+        self.display[key] = display
+        return key
+
+    def transposed(self, name: str) -> str:
+        """Known 2-D ``name`` transposed, its quantization moved to the transposed axes."""
+        if name not in self.transposes:
+            key = self.synthetic(name, self.known[name].T)
+            q = self.qweights.get(name)
+            if q is not None and q.granularity == Granularity.PER_GROUP:  # scales follow
+                zp = self.synthetic(f"{name}_zero_point", self.known[q.zero_point].T) \
                     if q.zero_point else None
-                spec = QuantSpec(q.format, q.granularity, 1 - q.axis, q.block_size, scale, zp)
-            else:
+                scale = self.synthetic(f"{name}_scale", self.known[q.scale].T)
+                self.qweights[key] = _QWeight(q.format, q.granularity, 1 - q.axis,
+                                              q.block_size, scale, zp)
+            elif q is not None:
                 axis = None if q.axis is None else 1 - q.axis
-                spec = self._spec(_QWeight(q.format, q.granularity, axis, 0, q.scale, q.zero_point))
-        v = self.constant(name, np.ascontiguousarray(arr.T), spec)
-        self.cache[key] = v
-        return v
+                self.qweights[key] = _QWeight(q.format, q.granularity, axis, 0, q.scale,
+                                              q.zero_point)
+            self.transposes[name] = key
+        return self.transposes[name]
+
+    def weight_t(self, name: str) -> Value:
+        """Constant ``name`` ([in, out] as MatMul reads it) as linear's [out, in] weight."""
+        return self.value(self.transposed(name))
 
 
 def _np_ir_dtype(arr: np.ndarray) -> str:
@@ -1170,6 +1192,12 @@ def _unsqueeze(imp, n):
 
 @_handles("Transpose")
 def _transpose(imp, n):
+    src = n.inputs[0]
+    if _is_weight(imp, src) and n.attrs.get("perm", [1, 0]) == [1, 0]:
+        key = imp.transposed(src)  # a weight laid out for MatMul: it stays a known constant
+        if key in imp.qweights:
+            imp.qweights[n.outputs[0]] = imp.qweights[key]
+        return imp.known[key]
     x = imp.v(n, 0)
     perm = n.attrs.get("perm", list(reversed(range(x.type.rank))))
     return x if list(perm) == list(range(x.type.rank)) else imp.out(n, "permute", x, perm=perm)
@@ -1393,7 +1421,8 @@ def _quantize(imp, n):
 
 
 def _fake_quant_pair(imp, n: _Node, dq_index: int, fmt: str) -> bool:
-    """Q -> DQ on an activation with the same parameters: annotate the activation instead."""
+    """Q -> DQ with the same parameters: annotate the activation instead (or, for a float
+    constant, round it now into an annotated constant)."""
     dq = imp.nodes[dq_index]
     if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return False
@@ -1411,14 +1440,36 @@ def _fake_quant_pair(imp, n: _Node, dq_index: int, fmt: str) -> bool:
         return False
     if block and not _blocks_fit(imp.shape(x)[axis], block):
         return False
-    spec = imp._spec(_QWeight(fmt, gran, axis, block, scale, zp or None))
+    qw = _QWeight(fmt, gran, axis, block, scale, zp or None)
+    imp.skip.add(dq_index)
+    if _is_float_constant(imp, x):  # a float weight with Q/DQ: round it now, keep it constant
+        imp.known[dq.output[0]] = _fake_quant_constant(imp, n, fmt)
+        imp.qweights[dq.output[0]] = qw
+        return True
+    spec = imp._spec(qw)
     v = imp.value(x)
     if not imp.exclusive(x, n.index):  # shared, an input or a constant: annotate a copy
         v = imp._emit(n, "identity", [v], {}, dq.output[0])
     v.quant = spec
-    imp.skip.add(dq_index)
     imp._bind_value(dq.output[0], v)
     return True
+
+
+def _is_float_constant(imp, name: str) -> bool:
+    arr = imp.known.get(name)
+    return arr is not None and arr.dtype != object and np.issubdtype(arr.dtype, np.floating) \
+        and name not in imp.qweights
+
+
+def _fake_quant_constant(imp, n: _Node, fmt: str) -> np.ndarray:
+    """DequantizeLinear(QuantizeLinear(w)) of a constant, with the IR's own kernels."""
+    w, scale, zp = (imp.known[i] if i else None for i in (n.input(0), n.input(1), n.input(2)))
+    attrs = {"axis": n.attrs.get("axis", 1) % max(w.ndim, 1),
+             "block_size": n.attrs.get("block_size", 0), "format": fmt}
+    s = _to_torch(scale)
+    z = _to_torch(zp) if zp is not None else None
+    q = get_schema("quantize").kernel(_to_torch(w), s, z, **attrs)
+    return get_schema("dequantize").kernel(q, s, z, **attrs).numpy()
 
 
 def _blocks_fit(dim, block: int) -> bool:

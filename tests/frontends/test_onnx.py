@@ -209,14 +209,22 @@ def _qdq_model(weight_format: str):
         w_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
         w_s = rng.uniform(0.01, 0.05, n).astype(np.float32)
         w_zp = np.zeros(n, np.int8)
-        dq_w = helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], axis=1)
+        dq_w = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], axis=1)]
         w_inits = [numpy_helper.from_array(w_q, "w_q")]
+    elif weight_format == "float_qdq":  # float [N, K] weight + Q/DQ + Transpose (ORT quantizer)
+        w_f = rng.standard_normal((n, k)).astype(np.float32)
+        w_s = (np.abs(w_f).max(1) / 127).astype(np.float32)
+        w_zp = np.zeros(n, np.int8)
+        dq_w = [helper.make_node("QuantizeLinear", ["w_f", "w_s", "w_zp"], ["w_q"], axis=0),
+                helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w_nk"], axis=0),
+                helper.make_node("Transpose", ["w_nk"], ["w"], perm=[1, 0])]
+        w_inits = [numpy_helper.from_array(w_f, "w_f")]
     else:  # int4 blocks of 16 along K (opset 21 block_size)
         codes = rng.integers(-8, 8, (k, n))
         w_s = rng.uniform(0.05, 0.2, (k // 16, n)).astype(np.float32)
         w_zp = rng.integers(-2, 3, (k // 16, n))
-        dq_w = helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], axis=0,
-                                block_size=16)
+        dq_w = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], axis=0,
+                                 block_size=16)]
         w_inits = [helper.make_tensor("w_q", TensorProto.INT4, [k, n], codes.ravel().tolist())]
         w_zp = helper.make_tensor("w_zp", TensorProto.INT4, list(w_zp.shape), w_zp.ravel().tolist())
     inits = w_inits + [
@@ -230,7 +238,7 @@ def _qdq_model(weight_format: str):
         helper.make_node("Relu", ["x"], ["r"], name="relu"),
         helper.make_node("QuantizeLinear", ["r", "a_s", "a_zp"], ["r_q"], name="q_act"),
         helper.make_node("DequantizeLinear", ["r_q", "a_s", "a_zp"], ["r_dq"], name="dq_act"),
-        dq_w,
+        *dq_w,
         helper.make_node("MatMul", ["r_dq", "w"], ["mm"], name="matmul"),
         helper.make_node("Add", ["mm", "bias"], ["y"], name="bias_add"),
     ]
@@ -239,7 +247,7 @@ def _qdq_model(weight_format: str):
     return _model(nodes, [x], [y], inits)
 
 
-@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("weight_format", ["int8", "int4", "float_qdq"])
 def test_qdq_weight_and_activation(weight_format):
     model = _qdq_model(weight_format)
     g = _capture(model)
@@ -249,8 +257,8 @@ def test_qdq_weight_and_activation(weight_format):
     assert lin.outputs[0].name == "y" and b.name == "bias"
     assert x.name == "r" and x.quant.format == "uint8"  # the Q/DQ pair annotates relu's output
     assert x.quant.granularity == Granularity.PER_TENSOR and x.quant.zero_point == "a_zp"
-    assert w.shape == (8, 32) and w.quant.format == weight_format  # [out, in] for linear
-    if weight_format == "int8":
+    assert w.shape == (8, 32) and w.quant.format == weight_format.replace("float_qdq", "int8")
+    if weight_format != "int4":
         assert w.quant.granularity == Granularity.PER_CHANNEL and w.quant.axis == 0
     else:
         assert w.quant.granularity == Granularity.PER_GROUP and w.quant.axis == 1
@@ -337,6 +345,128 @@ def test_matmul_nbits(with_zero_points, with_bias):
     _check(g, model, feeds, 1e-4)
 
 
+# -- single ops against onnxruntime --------------------------------------------------------------
+_rng = np.random.default_rng(0)
+F, I64 = TensorProto.FLOAT, TensorProto.INT64
+N = helper.make_node
+
+
+def r(*shape):
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def i64(*v):
+    return np.array(v, np.int64)
+
+
+# (id, nodes, graph inputs {name: array}, initializers {name: array}, outputs {name: elem}, opset)
+OP_CASES = [
+    ("gemm_general", [N("Gemm", ["a", "b", "c"], ["y"], transA=1, alpha=0.5, beta=2.0)],
+     {"a": r(3, 4)}, {"b": r(3, 5), "c": r(4, 5)}, {"y": F}, 18),
+    ("gemm_runtime_b", [N("Gemm", ["a", "b", "c"], ["y"], transB=1)],
+     {"a": r(4, 3), "b": r(5, 3)}, {"c": r(5)}, {"y": F}, 18),
+    ("gemm_linear_alpha", [N("Gemm", ["a", "b", "c"], ["y"], transB=1, alpha=2.0, beta=0.5)],
+     {"a": r(4, 3)}, {"b": r(5, 3), "c": r(1, 5)}, {"y": F}, 18),
+    ("matmul_vec_and_3d", [N("MatMul", ["v", "w"], ["t"]), N("MatMul", ["x", "w3"], ["y"])],
+     {"v": r(6), "x": r(2, 3, 6)}, {"w": r(6, 4), "w3": r(2, 6, 5)}, {"t": F, "y": F}, 18),
+    ("conv1d_asym", [N("Conv", ["x", "w", "b"], ["y"], pads=[1, 2], strides=[2], dilations=[2], group=2)],
+     {"x": r(1, 4, 11)}, {"w": r(6, 2, 3), "b": r(6)}, {"y": F}, 18),
+    ("conv2d_valid", [N("Conv", ["x", "w"], ["y"], auto_pad="VALID", strides=[1, 2])],
+     {"x": r(2, 3, 7, 8)}, {"w": r(4, 3, 3, 3)}, {"y": F}, 18),
+    ("pools", [N("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2],
+                 count_include_pad=1),
+               N("AveragePool", ["x"], ["b"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], strides=[2, 2]),
+               N("MaxPool", ["x"], ["c"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+               N("GlobalAveragePool", ["x"], ["d"]), N("GlobalMaxPool", ["x"], ["e"])],
+     {"x": r(1, 2, 7, 7)}, {}, {k: F for k in "abcde"}, 18),
+    ("split13", [N("Split", ["x", "s"], ["y", "z"], axis=1)], {"x": r(2, 5)}, {"s": i64(2, 3)},
+     {"y": F, "z": F}, 13),
+    ("split18", [N("Split", ["x"], ["y", "z", "w"], axis=-1, num_outputs=3)], {"x": r(2, 7)}, {},
+     {"y": F, "z": F, "w": F}, 18),
+    ("pad", [N("Pad", ["x", "p", "", "ax"], ["y"], mode="reflect"),
+             N("Pad", ["x", "p4", "v"], ["z"])],
+     {"x": r(1, 3, 5)}, {"p": i64(1, 2), "ax": i64(-1), "p4": i64(0, 1, 0, 0, 2, 1),
+                         "v": np.array(1.5, np.float32)}, {"y": F, "z": F}, 18),
+    ("tile_trilu_cumsum", [N("Tile", ["x", "rep"], ["t"]), N("Trilu", ["x", "k"], ["l"], upper=0),
+                           N("Trilu", ["x"], ["u"]), N("CumSum", ["x", "ax"], ["c"])],
+     {"x": r(3, 4)}, {"rep": i64(2, 1), "k": np.array(1, np.int64), "ax": np.array(1, np.int64)},
+     {"t": F, "l": F, "u": F, "c": F}, 18),
+    ("arg", [N("ArgMax", ["x"], ["a"], axis=1, keepdims=0), N("ArgMin", ["x"], ["b"], axis=-1)],
+     {"x": r(3, 5)}, {}, {"a": I64, "b": I64}, 18),
+    ("clip_softmax", [N("Clip", ["x", "lo", "hi"], ["c"]), N("Clip", ["x", "", "hi"], ["d"]),
+                      N("Softmax", ["x"], ["s"], axis=0), N("LogSoftmax", ["x"], ["l"])],
+     {"x": r(3, 5)}, {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)},
+     {"c": F, "d": F, "s": F, "l": F}, 18),
+    ("reduce13", [N("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
+                  N("ReduceSum", ["x", "ax"], ["s"]), N("ReduceMax", ["x"], ["a"], axes=[0, 2]),
+                  N("ReduceL2", ["x"], ["l2"], axes=[-1]), N("ReduceSumSquare", ["x"], ["ss"])],
+     {"x": r(2, 3, 4)}, {"ax": i64(-1)}, {k: F for k in ("m", "s", "a", "l2", "ss")}, 13),
+    ("reduce18", [N("ReduceMin", ["x", "ax"], ["a"], keepdims=0),
+                  N("ReduceSum", ["x", "e"], ["n"], noop_with_empty_axes=1),
+                  N("ReduceProd", ["x", "ax"], ["p"])],
+     {"x": r(2, 3, 4)}, {"ax": i64(0, 2), "e": np.zeros(0, np.int64)}, {"a": F, "n": F, "p": F}, 18),
+    ("reshapes", [N("Flatten", ["x"], ["f"], axis=2), N("Squeeze", ["x"], ["s"]),
+                  N("Unsqueeze", ["x", "ax"], ["u"]), N("Transpose", ["x"], ["t"]),
+                  N("Flatten", ["x"], ["g"], axis=-1)],
+     {"x": r(2, 1, 3, 1)}, {"ax": i64(-1, 0)}, {k: F for k in "fsutg"}, 18),
+    ("range_const_of_shape", [N("Range", ["s", "l", "d"], ["rg"]), N("Add", ["x", "rg"], ["y"]),
+                              N("Shape", ["x"], ["sh"], start=-1),
+                              N("ConstantOfShape", ["sh"], ["c"],
+                                value=helper.make_tensor("v", F, [1], [2.5])),
+                              N("Mul", ["x", "c"], ["z"]), N("Size", ["x"], ["n"]),
+                              N("Cast", ["n"], ["nf"], to=F), N("Div", ["x", "nf"], ["w"])],
+     {"x": r(3, 4)}, {"s": np.array(0.5, np.float32), "l": np.array(2.5, np.float32),
+                      "d": np.array(0.5, np.float32)}, {"y": F, "z": F, "w": F}, 18),
+    ("logic", [N("Greater", ["x", "z"], ["g"]), N("Not", ["g"], ["ng"]), N("IsNaN", ["x"], ["nan"]),
+               N("And", ["ng", "ng"], ["a"]), N("Or", ["a", "nan"], ["o"]),
+               N("Where", ["o", "x", "z"], ["y"]), N("Equal", ["x", "x"], ["e"]),
+               N("Xor", ["e", "g"], ["xo"]), N("Where", ["xo", "x", "z"], ["y2"])],
+     {"x": r(3, 4)}, {"z": np.array(0.1, np.float32)}, {"y": F, "y2": F}, 18),
+    ("arith", [N("Mod", ["x", "d"], ["m"], fmod=1), N("Pow", ["x", "two"], ["p"]),
+               N("LeakyRelu", ["x"], ["l"], alpha=0.2), N("Gelu", ["x"], ["g"], approximate="tanh"),
+               N("Gelu", ["x"], ["g2"]), N("Sign", ["x"], ["s"]), N("Abs", ["x"], ["ab"]),
+               N("Max", ["x", "d", "ab"], ["mx"]), N("Min", ["x", "d"], ["mn"]),
+               N("Sum", ["x", "d", "ab"], ["sm"]), N("Floor", ["x"], ["fl"]),
+               N("Round", ["x"], ["rd"]), N("Exp", ["x"], ["ex"]), N("Sigmoid", ["x"], ["sg"])],
+     {"x": r(3, 4) * 3}, {"d": np.array(0.7, np.float32), "two": np.array(2.0, np.float32)},
+     {k: F for k in ("m", "p", "l", "g", "g2", "s", "mx", "mn", "sm", "fl", "rd", "ex", "sg")}, 20),
+    ("int_ops", [N("Cast", ["x"], ["i"], to=TensorProto.INT32), N("Mod", ["i", "three"], ["m"]),
+                 N("Div", ["i", "three"], ["d"]), N("CastLike", ["d", "x"], ["y"]),
+                 N("Cast", ["m"], ["z"], to=F)],
+     {"x": r(3, 4) * 10}, {"three": np.array(3, np.int32)}, {"y": F, "z": F}, 18),
+    ("norms", [N("LayerNormalization", ["x", "s2", "b2"], ["a"], axis=-2, epsilon=1e-3),
+               N("LayerNormalization", ["x", "s1"], ["b"]),
+               N("BatchNormalization", ["x", "g", "bb", "mu", "var"], ["c"])],
+     {"x": r(2, 3, 4)}, {"s2": r(3, 4), "b2": r(3, 4), "s1": r(4), "g": r(3), "bb": r(3), "mu": r(3),
+                         "var": np.abs(r(3)) + 0.5}, {"a": F, "b": F, "c": F}, 18),
+    ("gathers", [N("Gather", ["x", "m1"], ["a"], axis=1), N("Gather", ["x", "idx"], ["b"], axis=-1),
+                 N("GatherElements", ["x", "ge"], ["c"], axis=2), N("Gather", ["tab", "ids"], ["d"]),
+                 N("GatherND", ["x", "nd"], ["e"])],
+     {"x": r(2, 3, 4), "ids": i64(0, 2, 1)}, {"m1": np.array(-1, np.int64), "idx": i64([0, 3], [1, 1]),
+                                              "ge": _rng.integers(0, 4, (2, 3, 2)), "tab": r(3, 5),
+                                              "nd": i64([1, 2], [0, -1])},
+     {k: F for k in "abcde"}, 18),
+    ("expand_slice", [N("Expand", ["x", "s1"], ["a"]), N("Expand", ["x", "s2"], ["b"]),
+                      N("Slice", ["x", "st", "en", "ax", "sp"], ["c"]),
+                      N("Slice", ["x", "st2", "en2"], ["d"])],
+     {"x": r(3, 1, 4)}, {"s1": i64(2, 1, 5, 1), "s2": i64(1, 4), "st": i64(-3, 1), "en": i64(100, 3),
+                         "ax": i64(-1, 0), "sp": i64(2, 1), "st2": i64(1), "en2": i64(-1)},
+     {k: F for k in "abcd"}, 18),
+]
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_op_against_onnxruntime(case):
+    name, nodes, feeds, inits, outs, opset = case
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+           for k, v in feeds.items()]
+    model = _model(nodes, ins, [helper.make_tensor_value_info(k, t, None) for k, t in outs.items()],
+                   [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()], opset=opset)
+    g = _capture(model)
+    assert [v.name for v in g.outputs] == list(outs)
+    _check(g, model, feeds, 1e-5)
+
+
 # -- symbolic shape evaluation -------------------------------------------------------------------
 def test_shape_chain_and_reshape_zero():
     """Shape -> Gather -> Unsqueeze -> Concat -> Reshape stays symbolic; Reshape's 0 copies."""
@@ -408,3 +538,18 @@ def test_runtime_shape_input_is_refused():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     with pytest.raises(UnsupportedOpError, match=r"input 1 \('shape'.*dyn_reshape"):
         capture_onnx(_model([node], [x, shape], [y], [], opset=18))
+
+
+def test_dims_names_and_provenance():
+    """dim_params that sympy would misread ('N' is a function) get safe symbol names; unnamed
+    nodes are traced as op#index; dynamic_dims=False refuses non-static inputs."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "seq-len", None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model(nodes, [x], [y], [], opset=18)
+    g = _capture(model)
+    assert g.inputs[0].shape == ("N_", "seq_len", "x_dim2")
+    assert [n.provenance.origin for n in g.nodes] == ["Relu#0", "Neg#1"]
+    _check(g, model, {"x": np.random.randn(2, 3, 4).astype(np.float32)}, 1e-6)
+    with pytest.raises(CaptureError, match="dynamic_dims"):
+        capture_onnx(model, dynamic_dims=False)
