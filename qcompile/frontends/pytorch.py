@@ -636,22 +636,21 @@ def capture_torch(model: torch.nn.Module, example_inputs=(), *, example_kwargs=N
 
 
 def _capture(model, args, kwargs, dynamic_shapes, method) -> Graph:
-    if True:
-        if method in ("auto", "export"):
-            try:
-                ep = _export(model, args, kwargs, dynamic_shapes)
-            except UnsupportedOpError:
-                raise
-            except Exception as e:  # export failed: say why, then try fx
-                if method == "export":
-                    raise CaptureError(f"torch.export failed: {type(e).__name__}: "
-                                       f"{_first_line(e)}") from e
-                warnings.warn(f"qcompile: torch.export failed ({type(e).__name__}: "
-                              f"{_first_line(e)}); falling back to torch.fx.symbolic_trace",
-                              stacklevel=2)
-                return _capture_fx(model, args, kwargs, reason=e)
-            return _from_exported(ep, model, dynamic_shapes)
-        return _capture_fx(model, args, kwargs)
+    if method in ("auto", "export"):
+        try:
+            ep = _export(model, args, kwargs, dynamic_shapes)
+        except UnsupportedOpError:
+            raise
+        except Exception as e:  # export failed: say why, then try fx
+            if method == "export":
+                raise CaptureError(f"torch.export failed: {type(e).__name__}: "
+                                   f"{_first_line(e)}") from e
+            warnings.warn(f"qcompile: torch.export failed ({type(e).__name__}: "
+                          f"{_first_line(e)}); falling back to torch.fx.symbolic_trace",
+                          stacklevel=2)
+            return _capture_fx(model, args, kwargs, reason=e)
+        return _from_exported(ep, model, dynamic_shapes)
+    return _capture_fx(model, args, kwargs)
 
 
 def _first_line(e: Exception) -> str:
