@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "QCompileError", "CaptureError", "UnsupportedOpError", "VerificationError", "PassError",
-    "BackendError", "ArtifactError", "ConfigError", "InputError",
+    "BackendError", "ArtifactError", "ConfigError", "InputError", "QuantizationError",
 ]
 
 
@@ -54,3 +54,8 @@ class ConfigError(QCompileError):
 
 class InputError(QCompileError):
     """Run-time inputs do not match what the compiled model expects."""
+
+
+class QuantizationError(QCompileError):
+    """A tensor cannot be quantized as asked: non-finite values under the ``raise`` policy,
+    parameters that do not fit the tensor, codes out of range, a corrupt packed buffer."""

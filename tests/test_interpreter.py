@@ -215,7 +215,7 @@ def test_annotated_value_is_fake_quantized(mlp_graph):
 
 def test_annotated_constant_and_override_are_fake_quantized(mlp_graph):
     mlp_graph.add_constant("w1_scale", torch.full((16,), 0.5))
-    mlp_graph.constant_value("w1").quant = QuantSpec("int8", "per_channel", axis=0,
+    mlp_graph.constant_value("w1").quant = QuantSpec("int8", "per_channel", axis=1,  # one scale per row
                                                      scale="w1_scale")
     x = torch.randn(2, 8)
     w1q = torch.round(mlp_graph.constants["w1"] / 0.5) * 0.5

@@ -492,7 +492,7 @@ class _Importer:
         arr = self.known[name]
         display = self.display.get(name, name)
         if name in self.qweights:
-            return self.constant(display, arr, self._spec(self.qweights[name]))
+            return self.constant(display, arr, self._spec(self.qweights[name], np.ndim(arr)))
         if _is_symbolic(arr):
             return self._materialize_dims(name, arr)
         return self.constant(display, arr)
@@ -537,9 +537,13 @@ class _Importer:
                 and self.consumers.get(name, []) == [consumer])
 
     # -- quantized weights -------------------------------------------------------------
-    def _spec(self, q: _QWeight) -> QuantSpec:
+    def _spec(self, q: _QWeight, rank: int) -> QuantSpec:
         zp = self.value(q.zero_point).name if q.zero_point else None
-        return QuantSpec(format=q.format, granularity=q.granularity, axis=q.axis,
+        axis = q.axis
+        if q.granularity == Granularity.PER_CHANNEL:  # ONNX names the channel axis; the spec
+            rest = tuple(i for i in range(rank) if i != q.axis)  # names the axes sharing a scale
+            axis = rest[0] if len(rest) == 1 else rest
+        return QuantSpec(format=q.format, granularity=q.granularity, axis=axis,
                          group_size=q.block_size or None, scale=self.value(q.scale).name,
                          zero_point=zp)
 
@@ -1446,7 +1450,7 @@ def _fake_quant_pair(imp, n: _Node, dq_index: int, fmt: str) -> bool:
         imp.known[dq.output[0]] = _fake_quant_constant(imp, n, fmt)
         imp.qweights[dq.output[0]] = qw
         return True
-    spec = imp._spec(qw)
+    spec = imp._spec(qw, rank)
     v = imp.value(x)
     if not imp.exclusive(x, n.index):  # shared, an input or a constant: annotate a copy
         v = imp._emit(n, "identity", [v], {}, dq.output[0])

@@ -1,16 +1,15 @@
 """Typed quantization annotations on IR values.
 
 A value may carry a ``QuantSpec``: the numeric format, the granularity and the names of
-the graph constants holding its scales and zero points. The interpreter fake-quantizes
-annotated values when they are produced. This module implements the integer affine
-formats (Jacob et al., "Quantization and Training of Neural Networks for Efficient
-Integer-Arithmetic-Only Inference", CVPR 2018, eq. 1: r = S(q - Z)); the formats module
-adds the rest.
+the graph constants holding its parameters (scales, zero points, tensor scales, block
+metadata). The interpreter fake-quantizes annotated values when they are produced; the
+arithmetic lives in ``qcompile.formats``.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
+from functools import lru_cache
 from enum import Enum
 from typing import Mapping
 
@@ -20,6 +19,7 @@ __all__ = ["Granularity", "QuantSpec", "int_range"]
 
 
 class Granularity(str, Enum):
+    NONE = "none"  # no scale at all: plain fp16/bf16 storage, raw minifloat casts
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_GROUP = "per_group"
@@ -43,83 +43,120 @@ def int_range(fmt: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a value is quantized: ``format`` (``int8``, ``uint4``, ...), granularity, the axis
-    of channels or groups, the group size, and graph-constant names of scale and zero point."""
+    """How a value is quantized: a format from ``qcompile.formats`` (by name, with
+    ``options``), its granularity, the ``axis`` along which elements share a scale (the
+    reduction axis; a tuple for per-channel over several axes), the group size, and the names
+    of the graph constants holding its parameters. A spec with no ``scale`` constant is
+    dynamic: parameters are computed from the value each time it is produced (per-token
+    activations, MX activations)."""
 
     format: str
-    granularity: Granularity = Granularity.PER_TENSOR
-    axis: int | None = None
+    granularity: Granularity | None = None  # None: the format's own (MX: per_group of 32)
+    axis: int | tuple[int, ...] | None = None
     group_size: int | None = None
     scale: str | None = None
     zero_point: str | None = None
+    tensor_scale: str | None = None
+    meta: str | None = None
+    options: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "granularity", Granularity(self.granularity))
-        int_range(self.format)  # validates the format name
-        if self.granularity == Granularity.PER_GROUP and not self.group_size:
-            from qcompile.errors import ConfigError
-            raise ConfigError("a per-group QuantSpec needs group_size")
-        if self.granularity != Granularity.PER_TOKEN and self.scale is None:
-            from qcompile.errors import ConfigError
-            raise ConfigError(f"a {self.granularity.value} QuantSpec needs a scale constant")
+        from qcompile.errors import ConfigError
+        if self.granularity is not None:
+            object.__setattr__(self, "granularity", Granularity(self.granularity))
+        if isinstance(self.axis, list):
+            object.__setattr__(self, "axis", tuple(self.axis))
+        opts = dict(self.options)
+        if self.zero_point is not None and _INT_FMT.match(self.format) and "symmetric" not in opts:
+            opts["symmetric"] = False  # a stored zero point means asymmetric codes
+        object.__setattr__(self, "options", tuple(sorted(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items())))
+        fmt = self.fmt  # validates format, options and group size
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", fmt.granularity)
+            object.__setattr__(self, "group_size", fmt.group_size)
+        if self.scale is None and any(getattr(self, r) for r in ("zero_point", "tensor_scale", "meta")):
+            raise ConfigError(f"QuantSpec {self}: parameters other than the scale were given "
+                              "without a scale constant", hint="give all of them, or none for a "
+                              "dynamic spec")
+        extra = [r for r in ("tensor_scale", "meta") if getattr(self, r) and r not in fmt.roles]
+        if extra:
+            raise ConfigError(f"format {fmt} has no parameter {extra[0]!r}")
+
+    @property
+    def fmt(self):
+        """The ``qcompile.formats.Format`` this spec quantizes to (``axis`` None means -1)."""
+        return _format_of(self.format, self.granularity, self.group_size, self.options)
 
     @property
     def bits(self) -> int:
-        return int(_INT_FMT.match(self.format).group(2))
+        return self.fmt.bits
+
+    @property
+    def dynamic(self) -> bool:
+        return self.scale is None
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["granularity"] = self.granularity.value
-        return {k: v for k, v in d.items() if v is not None}
+        d = {"format": self.format, "granularity": self.granularity.value}
+        for k in ("axis", "group_size", "scale", "zero_point", "tensor_scale", "meta"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = list(v) if isinstance(v, tuple) else v
+        if self.options:
+            d["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "QuantSpec":
+        d = dict(d)
+        d["options"] = tuple(sorted(d.get("options", {}).items()))
         return QuantSpec(**d)
 
     def constants(self) -> list[str]:
-        return [n for n in (self.scale, self.zero_point) if n is not None]
+        return [n for n in (self.scale, self.zero_point, self.tensor_scale, self.meta)
+                if n is not None]
 
-    def _broadcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.granularity == Granularity.PER_TENSOR:
-            return p.reshape(())
-        axis = self.axis % x.dim()
-        if self.granularity == Granularity.PER_CHANNEL:
-            shape = [1] * x.dim()
-            shape[axis] = -1
-            return p.reshape(shape)
-        # per group: p has x's shape with the axis divided by group_size
-        return p.repeat_interleave(self.group_size, dim=axis)
+    def params(self, constants: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The stored parameters by role, or None for a dynamic spec."""
+        if self.scale is None:
+            return None
+        out = {r: constants[getattr(self, r)] for r in ("scale", "zero_point", "tensor_scale",
+                                                        "meta") if getattr(self, r) is not None}
+        if "zero_point" in self.fmt.roles and "zero_point" not in out:
+            out["zero_point"] = torch.zeros(())  # ONNX: an omitted zero point is 0
+        return out
 
-    def scale_zero_point(self, x: torch.Tensor, constants: Mapping[str, torch.Tensor]):
-        qmin, qmax = int_range(self.format)
-        if self.granularity == Granularity.PER_TOKEN:
-            amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-            return amax / qmax, torch.zeros((), dtype=x.dtype)
-        s = self._broadcast(constants[self.scale].to(x.dtype), x)
-        if self.zero_point is None:
-            z = torch.zeros((), dtype=x.dtype)
-        else:
-            z = self._broadcast(constants[self.zero_point].to(x.dtype), x)
-        return s, z
+    def _axis(self):
+        return -1 if self.axis is None else self.axis
 
-    def quantize(self, x: torch.Tensor, constants: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Integer codes (as x's float dtype), round half to even, saturated."""
-        qmin, qmax = int_range(self.format)
-        s, z = self.scale_zero_point(x, constants)
-        return torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    def quantize(self, x: torch.Tensor, constants: Mapping[str, torch.Tensor]):
+        """``x`` as a ``QuantizedTensor`` of this spec's format and parameters."""
+        return self.fmt.quantize(x, self._axis(), params=self.params(constants))
 
     def fake_quant(self, x: torch.Tensor, constants: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Quantize-dequantize with a straight-through gradient (Bengio et al. 2013)."""
-        s, z = self.scale_zero_point(x, constants)
-        qmin, qmax = int_range(self.format)
-        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        y = (q - z) * s
-        return x + (y - x).detach() if x.requires_grad else y
+        return self.fmt.fake_quant(x, self._axis(), params=self.params(constants))
 
     def __str__(self) -> str:
         g = self.granularity.value
+        ax = list(self.axis) if isinstance(self.axis, tuple) else self.axis
         if self.granularity == Granularity.PER_GROUP:
-            g += f"(axis={self.axis}, g={self.group_size})"
-        elif self.granularity == Granularity.PER_CHANNEL:
-            g += f"(axis={self.axis})"
-        return f"{self.format} {g}"
+            g += f"(axis={ax}, g={self.group_size})"
+        elif self.granularity in (Granularity.PER_CHANNEL, Granularity.PER_TOKEN) and ax is not None:
+            g += f"(axis={ax})"
+        opts = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.format} {g}{opts}" + (" dynamic" if self.dynamic and
+                                             self.granularity != Granularity.PER_TOKEN else "")
+
+
+@lru_cache(maxsize=512)
+def _format_of(name, granularity, group_size, options):
+    from qcompile.formats import get
+    kw = dict(options)
+    if granularity is not None:
+        kw["granularity"] = granularity.value
+        if group_size is None and granularity != Granularity.PER_GROUP:
+            kw["group_size"] = None
+    if group_size is not None:
+        kw["group_size"] = group_size
+    return get(name, **kw)

@@ -259,7 +259,7 @@ def test_qdq_weight_and_activation(weight_format):
     assert x.quant.granularity == Granularity.PER_TENSOR and x.quant.zero_point == "a_zp"
     assert w.shape == (8, 32) and w.quant.format == weight_format.replace("float_qdq", "int8")
     if weight_format != "int4":
-        assert w.quant.granularity == Granularity.PER_CHANNEL and w.quant.axis == 0
+        assert w.quant.granularity == Granularity.PER_CHANNEL and w.quant.axis == 1  # shares a scale along in
     else:
         assert w.quant.granularity == Granularity.PER_GROUP and w.quant.axis == 1
         assert w.quant.group_size == 16 and g.constants[w.quant.scale].shape == (8, 2)
