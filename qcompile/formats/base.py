@@ -256,9 +256,14 @@ class Format:
     pads: ClassVar[bool] = False
     #: options fixed by the registry entry (not repeated in to_json)
     _fixed: ClassVar[tuple[str, ...]] = ()
+    #: block formats (MX, NVFP4, ...) only exist per group
+    block_only: ClassVar[bool] = False
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", Granularity(self.granularity))
+        if self.block_only and self.granularity != Granularity.PER_GROUP:
+            raise ConfigError(f"{self.name} is a block format: granularity must be per_group "
+                              f"(blocks of group_size), got {self.granularity.value}")
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"{self.name}: nan_policy must be one of {NAN_POLICIES}, "
                               f"got {self.nan_policy!r}")

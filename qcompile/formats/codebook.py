@@ -110,6 +110,7 @@ class CodebookFormat(Format):
 class SpecialValueFP4(Format):
     """E2M1 with the −0 code remapped to a per-block special value (RaZeR, BitMoD)."""
 
+    block_only = True
     specials: tuple = (5.0, -5.0, 8.0, -8.0)
     scaling: str = "nvfp4"
     pad: bool = False
@@ -124,8 +125,6 @@ class SpecialValueFP4(Format):
         if self.scaling not in ("nvfp4", "fp16", "fp32", "bf16"):
             raise ConfigError(f"{self.name}: scaling must be 'nvfp4' (E4M3 block + fp32 tensor "
                               f"scale) or a float scale dtype, got {self.scaling!r}")
-        if self.granularity != Granularity.PER_GROUP:
-            raise ConfigError(f"{self.name} is a block format; granularity must be per_group")
 
     @property
     def roles(self):

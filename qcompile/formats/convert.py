@@ -23,7 +23,7 @@ import torch
 from qcompile.errors import ConfigError
 from qcompile.formats.base import QuantizedTensor
 from qcompile.formats.floats import decode_elements, encode_elements
-from qcompile.formats.floats import _round as round_mode
+from qcompile.formats.floats import round_values as round_mode
 from qcompile.formats.mx import E8M0_NAN, MXFormat
 from qcompile.formats.registry import get
 

@@ -93,7 +93,7 @@ def _decode_table(name: str) -> torch.Tensor:
                             .astype(np.float32))
 
 
-def _round(v: torch.Tensor, mode: str) -> torch.Tensor:
+def round_values(v: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "even":
         return torch.round(v)
     if mode == "nearest":  # half away from zero
@@ -111,7 +111,7 @@ def round_to_grid(v: torch.Tensor, e: Element, mode: str) -> torch.Tensor:
     else:
         _, ex = torch.frexp(v)
         step_exp = (ex.to(torch.float32) - 1).clamp_min(e.emin) - e.mbits
-    q = torch.ldexp(_round(torch.ldexp(v, -step_exp), mode), step_exp)
+    q = torch.ldexp(round_values(torch.ldexp(v, -step_exp), mode), step_exp)
     return q.clamp(-e.max_norm, e.max_norm)
 
 
@@ -120,7 +120,7 @@ def encode_elements(v: torch.Tensor, e: Element, mode: str = "even") -> torch.Te
     ``uint8`` for floats, two's complement ``int8`` fixed-point integers for INT elements.
     Saturating; NaN inputs must be handled by the caller."""
     if e.is_int:
-        return _round(v.clamp(-e.max_norm, e.max_norm) * (1 << e.mbits), mode).to(torch.int8)
+        return round_values(v.clamp(-e.max_norm, e.max_norm) * (1 << e.mbits), mode).to(torch.int8)
     if mode != "even":
         v = round_to_grid(v, e, mode)  # exact on the grid: the cast below does not round
     v = v.clamp(-e.max_norm, e.max_norm)

@@ -35,7 +35,6 @@ from qcompile.errors import ConfigError
 from qcompile.formats.base import Format
 from qcompile.formats.floats import ROUNDINGS, decode_elements, element, encode_elements
 from qcompile.formats.registry import register_format
-from qcompile.ir.quant import Granularity
 
 __all__ = ["MXFormat", "E8M0_NAN", "e8m0_exponents"]
 
@@ -62,14 +61,12 @@ class MXFormat(Format):
 
     roles = ("scale",)
     pads = True
+    block_only = True
     _fixed = ("element",)
 
     def __post_init__(self):
         super().__post_init__()
         element(self.element)
-        if self.granularity != Granularity.PER_GROUP:
-            raise ConfigError(f"{self.name}: MX formats are block formats; granularity must be "
-                              f"per_group, got {self.granularity.value}")
         if self.scale_rounding not in ("floor", "ceil"):
             raise ConfigError(f"{self.name}: scale_rounding must be 'floor' (OCP MX v1.0) or "
                               f"'ceil' (round the scale up), got {self.scale_rounding!r}")

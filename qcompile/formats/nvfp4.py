@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile.errors import ConfigError
 from qcompile.formats.base import Format, safe_div
 from qcompile.formats.floats import ELEMENTS, decode_elements, encode_elements
 from qcompile.formats.registry import register_format
-from qcompile.ir.quant import Granularity
 
 __all__ = ["NVFP4Format", "E4M3_MAX", "E2M1_MAX"]
 
@@ -51,12 +49,8 @@ class NVFP4Format(Format):
 
     roles = ("scale", "tensor_scale")
     tensor_roles = ("tensor_scale",)
+    block_only = True
     pad: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.granularity != Granularity.PER_GROUP:
-            raise ConfigError(f"{self.name} is a block format; granularity must be per_group")
 
     @property
     def bits(self):

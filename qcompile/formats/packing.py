@@ -160,6 +160,9 @@ def unpack_tensor(data: bytes):
         raise QuantizationError(f"packed tensor has layout version {data[4]}, this qcompile "
                                 f"reads version {VERSION}")
     (hlen,) = struct.unpack("<I", data[8:12])
+    if 12 + hlen > len(data):
+        raise QuantizationError(f"packed tensor is truncated: {len(data)} bytes, its header "
+                                f"alone needs {12 + hlen}")
     try:
         header = json.loads(bytes(data[12:12 + hlen]))
     except ValueError as e:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from qcompile.errors import UnsupportedOpError, VerificationError
-from qcompile.ir.types import Dim, TensorType, eval_dim, make_dim
+from qcompile.ir.types import TensorType, eval_dim, make_dim
 
 __all__ = ["Attr", "OpSchema", "op", "get_schema", "all_ops", "REQUIRED"]
 

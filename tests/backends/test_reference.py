@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompile.backends import get_backend
-from qcompile.backends.reference import ReferenceBackend
 
 import qcompile
+from qcompile.backends import get_backend
+from qcompile.backends.reference import ReferenceBackend
 from qcompile.errors import ConfigError
 from qcompile.interpreter import Interpreter
 from qcompile.ir import Graph, Node, TensorType

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import qcompile
-from qcompile.ir import load_graph, save_graph, verify
 from qcompile.interpreter import Interpreter
+from qcompile.ir import load_graph, save_graph, verify
 from qcompile.zoo import minilm, mlp, tiny_llama
 
 

@@ -3,15 +3,15 @@ module's numbers; near misses stay as they are."""
 from __future__ import annotations
 
 import pytest
-import qcompile.passes
 import torch
 import torch.nn as nn
-from qcompile.passes import run_passes
-from qcompile.passes.canonicalize import canonicalize
 
 import qcompile
+import qcompile.passes
 from qcompile.interpreter import Interpreter
 from qcompile.ir import Graph, TensorType, verify
+from qcompile.passes import run_passes
+from qcompile.passes.canonicalize import canonicalize
 
 
 class LlamaRMSNorm(nn.Module):

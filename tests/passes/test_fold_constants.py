@@ -3,11 +3,11 @@ large results and anything symbolic stay as nodes."""
 from __future__ import annotations
 
 import torch
-from qcompile.passes import run_passes
-from qcompile.passes.fold_constants import MAX_FOLD_ELEMENTS, fold_constants
 
 from qcompile.interpreter import Interpreter
 from qcompile.ir import Graph, TensorType, verify
+from qcompile.passes import run_passes
+from qcompile.passes.fold_constants import MAX_FOLD_ELEMENTS, fold_constants
 
 
 def _graph() -> Graph:

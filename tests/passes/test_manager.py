@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompile.passes import PassManager, all_passes, get_pass, register_pass, run_passes
-from qcompile.passes import manager as _manager
 
 from qcompile.errors import ConfigError, PassError, VerificationError
 from qcompile.ir import Graph, TensorType
+from qcompile.passes import PassManager, all_passes, get_pass, register_pass, run_passes
+from qcompile.passes import manager as _manager
 
 
 @pytest.fixture

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from qcompile.ir.ops._infer import broadcast_shapes, norm_axis
 from qcompile.ir.registry import Attr, op
 from qcompile.ir.types import (
-    TensorType, dim_div, dim_expr, dims_equal, make_dim, numel, to_torch_dtype,
+    TensorType,
+    dim_div,
+    dim_expr,
+    dims_equal,
+    make_dim,
+    numel,
+    to_torch_dtype,
 )
 
 __all__: list[str] = []
