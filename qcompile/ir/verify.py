@@ -3,8 +3,11 @@ unique, every node's output types equal what its op infers, and quantization ann
 point at existing constants."""
 from __future__ import annotations
 
-from qcompile.errors import VerificationError
+import math
+
+from qcompile.errors import QCompileError, VerificationError
 from qcompile.ir.registry import get_schema
+from qcompile.ir.types import is_float
 
 __all__ = ["verify"]
 
@@ -53,6 +56,35 @@ def verify(graph) -> None:
                 if c not in graph.constants:
                     raise VerificationError(f"quantization of %{v.name} refers to missing "
                                             f"constant %{c}")
+            _check_quant_params(graph, v)
     for v in graph.outputs:
         if id(v) not in defined:
             raise VerificationError(f"graph output %{v.name} is not defined in the graph")
+
+
+def _check_quant_params(graph: Graph, v) -> None:
+    """A static spec's parameters must have one entry per block of the value (or one in all)."""
+    spec = v.quant
+    if not is_float(v.type.dtype):
+        raise VerificationError(f"%{v.name} is {v.type.dtype} but carries a quantization "
+                                f"annotation ({spec}); only float values are fake-quantized",
+                                node=v.producer)
+    if spec.dynamic or not v.type.is_static:
+        return
+    fmt = spec.fmt
+    try:
+        lay = fmt.layout(v.type.shape, -1 if spec.axis is None else spec.axis)
+    except QCompileError as e:
+        raise VerificationError(f"quantization of %{v.name} ({spec}) does not fit its type "
+                                f"{v.type}: {e}", node=v.producer) from None
+    for role in ("scale", "zero_point", "meta"):
+        name = getattr(spec, role)
+        if name is None:
+            continue
+        n = graph.constants[name].numel()
+        want = math.prod(lay.other) * lay.nblocks
+        if n not in (1, want):
+            raise VerificationError(
+                f"quantization of %{v.name} ({spec}): its {role} %{name} has {n} entries, "
+                f"but {v.type} quantized along axis {spec.axis} has {want} blocks",
+                node=v.producer, hint="the axis is the one whose elements share a scale")

@@ -86,6 +86,17 @@ def test_quant_annotation_naming_missing_constant(mlp_graph):
     verify(mlp_graph)  # with the constant present the annotation is fine
 
 
+def test_quant_parameters_must_fit_the_value(mlp_graph):
+    w1 = mlp_graph.constant_value("w1")  # [16, 8]
+    mlp_graph.add_constant("w1_scale", torch.ones(8))
+    w1.quant = QuantSpec("int8", "per_channel", axis=1, scale="w1_scale")
+    _raises(mlp_graph, "w1_scale has 8 entries", "16 blocks")
+    w1.quant = QuantSpec("int8", "per_channel", axis=0, scale="w1_scale")  # one per column
+    verify(mlp_graph)
+    w1.quant = QuantSpec("int4", "per_group", axis=1, group_size=3, scale="w1_scale")
+    _raises(mlp_graph, "does not fit", "does not divide")
+
+
 def test_constant_type_disagrees_with_tensor(mlp_graph):
     mlp_graph.constants["w1"] = torch.zeros(3, 3)
     _raises(mlp_graph, "%w1", "(3, 3)")
