@@ -34,7 +34,9 @@ _IR_DTYPE = {
     TensorProto.BOOL: "bool",
 }
 # integer storage dtypes of quantized codes -> qcompile format names
-_QFORMAT = {"int8": "int8", "uint8": "uint8", "int4": "int4", "uint4": "uint4"}
+_QFORMAT = {"int8": "int8", "uint8": "uint8", "int4": "int4", "uint4": "uint4",
+            "float8_e4m3fn": "fp8_e4m3", "float8_e5m2": "fp8_e5m2"}
+_FLOAT_Q = ("fp8_e4m3", "fp8_e5m2")  # float codes: x / s cast with saturation, no zero point
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -538,7 +540,7 @@ class _Importer:
 
     # -- quantized weights -------------------------------------------------------------
     def _spec(self, q: _QWeight, rank: int) -> QuantSpec:
-        zp = self.value(q.zero_point).name if q.zero_point else None
+        zp = self.value(q.zero_point).name if q.zero_point and q.format not in _FLOAT_Q else None
         axis = q.axis
         if q.granularity == Granularity.PER_CHANNEL:  # ONNX names the channel axis; the spec
             rest = tuple(i for i in range(rank) if i != q.axis)  # names the axes sharing a scale
@@ -1418,6 +1420,10 @@ def _quantize(imp, n):
     if len(users) == 1 and n.outputs[0] not in imp.graph_outputs and _fake_quant_pair(
             imp, n, users[0], fmt):
         return []
+    if fmt in _FLOAT_Q:
+        raise UnsupportedOpError(f"{n.describe()} quantizes to {fmt} outside a Q -> DQ pair; "
+                                 "FP8 is imported as an annotation (Q -> DQ pairs, DQ of "
+                                 "constants), not as standalone codes")
     xv = imp.v(n, 0)
     return imp.out(n, "quantize", xv, imp.v(n, 1), imp.v(n, 2),
                    axis=n.attrs.get("axis", 1) % max(xv.type.rank, 1),
@@ -1471,6 +1477,14 @@ def _fake_quant_constant(imp, n: _Node, fmt: str) -> np.ndarray:
     attrs = {"axis": n.attrs.get("axis", 1) % max(w.ndim, 1),
              "block_size": n.attrs.get("block_size", 0), "format": fmt}
     s = _to_torch(scale)
+    if fmt in _FLOAT_Q:  # saturating RNE cast of x / s (QuantizeLinear's saturate=1)
+        from qcompile.formats import element
+        from qcompile.formats.floats import decode_elements, encode_elements
+        from qcompile.ir.ops.quant import _expand
+        wt = _to_torch(w).float()
+        se = _expand(s.float(), wt, attrs["axis"], attrs["block_size"])
+        e = element(fmt)
+        return (decode_elements(encode_elements(wt / se, e), e) * se).numpy()
     z = _to_torch(zp) if zp is not None else None
     q = get_schema("quantize").kernel(_to_torch(w), s, z, **attrs)
     return get_schema("dequantize").kernel(q, s, z, **attrs).numpy()
@@ -1486,10 +1500,14 @@ def _dequantize(imp, n):
     if x in imp.known and scale in imp.known and (not zp or zp in imp.known):
         return _dequantize_weight(imp, n)
     xv = imp.v(n, 0)
+    fmt = _qformat(n, _qdtype(imp, x))
+    if fmt in _FLOAT_Q:
+        raise UnsupportedOpError(f"{n.describe()} dequantizes {fmt} codes computed at run time; "
+                                 "FP8 is imported as an annotation (Q -> DQ pairs, DQ of "
+                                 "constants), not as standalone codes")
     return imp.out(n, "dequantize", xv, imp.v(n, 1), imp.v(n, 2),
                    axis=n.attrs.get("axis", 1) % max(xv.type.rank, 1),
-                   block_size=n.attrs.get("block_size", 0),
-                   format=_qformat(n, _qdtype(imp, x)))
+                   block_size=n.attrs.get("block_size", 0), format=fmt)
 
 
 def _qdtype(imp, name: str) -> str:
@@ -1503,11 +1521,15 @@ def _dequantize_weight(imp, n: _Node):
     block = n.attrs.get("block_size", 0)
     axis = n.attrs.get("axis", 1) % max(q.ndim, 1)
     kernel = get_schema("dequantize").kernel
-    zt = _to_torch(imp.known[zp]) if zp else None
-    w = kernel(_to_torch(q), _to_torch(imp.known[scale]), zt, axis=axis, block_size=block,
+    fmt = _QFORMAT.get(q.dtype.name)
+    if fmt in _FLOAT_Q:  # float codes: y = x * s, the zero point is 0 by definition
+        zt, codes = None, torch.from_numpy(q.astype(np.float32))
+    else:
+        zt = _to_torch(imp.known[zp]) if zp else None
+        codes = _to_torch(q)
+    w = kernel(codes, _to_torch(imp.known[scale]), zt, axis=axis, block_size=block,
                format="int8")
     out = w.numpy()
-    fmt = _QFORMAT.get(q.dtype.name)
     if fmt is not None and (not block or _blocks_fit(q.shape[axis], block)):
         gran, axis, block = _q_granularity(imp, n, scale, q.ndim)
         imp.qweights[n.outputs[0]] = _QWeight(fmt, gran, axis, block, scale, zp or None)
