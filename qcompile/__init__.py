@@ -5,12 +5,21 @@ the IR, runs passes and lowers it for a target; ``qcompile.load(dir)`` reads a s
 """
 __version__ = "0.1.0"
 
+from qcompile import formats  # noqa: E402
+from qcompile.api import capture, compile  # noqa: E402
 from qcompile.errors import (  # noqa: E402
-    ArtifactError, BackendError, CaptureError, ConfigError, InputError, PassError, QCompileError,
-    UnsupportedOpError, VerificationError,
+    ArtifactError,
+    BackendError,
+    CaptureError,
+    ConfigError,
+    InputError,
+    PassError,
+    QCompileError,
+    QuantizationError,
+    UnsupportedOpError,
+    VerificationError,
 )
 from qcompile.ir import Graph, TensorType, verify  # noqa: E402
-from qcompile.api import capture, compile  # noqa: E402
 from qcompile.runtime import CompiledModel, load  # noqa: E402
 
 
@@ -24,4 +33,5 @@ __all__ = [
     "__version__", "compile", "capture", "load", "targets", "CompiledModel", "Graph",
     "TensorType", "verify", "QCompileError", "CaptureError", "UnsupportedOpError",
     "VerificationError", "PassError", "BackendError", "ArtifactError", "ConfigError", "InputError",
+    "QuantizationError", "formats",
 ]

@@ -62,7 +62,7 @@ def verify(graph) -> None:
             raise VerificationError(f"graph output %{v.name} is not defined in the graph")
 
 
-def _check_quant_params(graph: Graph, v) -> None:
+def _check_quant_params(graph, v) -> None:
     """A static spec's parameters must have one entry per block of the value (or one in all)."""
     spec = v.quant
     if not is_float(v.type.dtype):
