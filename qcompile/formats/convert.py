@@ -8,8 +8,10 @@ the working definition of ``reference/passes.md`` §3.4:
 - MXINT8 → MXINT(8−k): ``q' = clamp(round(q₈ / 2^k), ±(2^(7−k) − 1))``. In the MX encoding
   the element's implied fraction shrinks by k bits, so the E8M0 block scale is unchanged
   (equivalently, with integer elements, ``E' = E + k``).
-- MXFP8 → MXFP6 / MXFP4: ``E' = E + (emax₈ − emax')`` — exactly the exponent direct
-  quantization would pick, because an anchor element never leaves its binade — then each
+- MXFP8 → MXFP6 / MXFP4 (no more mantissa bits than the anchor): ``E' = E + (emax₈ − emax')``
+  — exactly the exponent direct quantization would pick, because an anchor element never
+  leaves its binade; where the anchor's E was clamped at −127, ``E' = E + floor(log2
+  max|v₈|) − emax'`` from the anchor's own elements — then each
   anchor value ``v₈ · 2^(E − E')`` is re-rounded onto the target grid, saturating. All-zero
   blocks get the exponent direct quantization gives them.
 
@@ -50,9 +52,10 @@ def slice_and_scale(qt: QuantizedTensor, target, **options) -> QuantizedTensor:
         raise ConfigError(f"Slice-and-Scale keeps the blocks: {src} has blocks of "
                           f"{src.group_size}, {dst} of {dst.group_size}")
     se, de = src.elem, dst.elem
-    if se.is_int != de.is_int or de.bits >= se.bits:
+    if se.is_int != de.is_int or de.bits >= se.bits or de.mbits > se.mbits:
         raise ConfigError(f"Slice-and-Scale goes from MXINT8 to a narrower MXINT, or from "
-                          f"MXFP8 to MXFP6/MXFP4; {src} -> {dst} is neither",
+                          f"MXFP8 to an MXFP6/MXFP4 with no more mantissa bits; {src} -> {dst} "
+                          "is neither",
                           hint="use requantize() for other pairs")
     scale = qt.params["scale"].to(torch.int32)
     nan = scale == E8M0_NAN
@@ -63,11 +66,14 @@ def slice_and_scale(qt: QuantizedTensor, target, **options) -> QuantizedTensor:
         codes = q.clamp(-lim, lim).to(torch.int8)
         new_scale = scale
     else:
-        d = se.emax - de.emax
         lay = qt.layout
         vb = lay.to_blocks(decode_elements(qt.codes, se), padded=True)
         zero = lay.param_from_blocks((vb == 0).all(-1))
-        new_scale = torch.where(nan, scale, (scale + d).clamp(max=254))
+        # E' = E + floor(log2 max|v8|) - emax'; equal to E + (emax8 - emax') unless the anchor's
+        # exponent was clamped at -127, where the anchor's own elements say how small it is
+        _, ex = torch.frexp(vb.abs().amax(-1))
+        top = lay.param_from_blocks(ex.to(torch.int32) - 1)
+        new_scale = torch.where(nan, scale, (scale + top - de.emax).clamp(0, 254))
         # an all-zero block gets the exponent direct quantization gives it (see mx.py)
         new_scale = torch.where(zero & ~nan, torch.tensor(max(1 - de.emax, 0)), new_scale)
         shift = (scale - new_scale).to(torch.float32)  # E - E'

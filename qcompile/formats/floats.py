@@ -235,7 +235,15 @@ class FloatStorage(Format):
         return super().quantize(x, axis, params=params)
 
     def _encode(self, xb, given):
-        return xb.to(scale_dtype(self.dtype, self.name)), {}
+        out = xb.to(scale_dtype(self.dtype, self.name))
+        if self.nan_policy == "raise" and xb.numel() and not bool(torch.isfinite(out).all()):
+            from qcompile.errors import QuantizationError
+            big = float(xb.abs().amax())
+            raise QuantizationError(
+                f"{self.name}: a value of magnitude {big:g} overflows {self.dtype} (max "
+                f"{torch.finfo(out.dtype).max:g})", hint="scale the tensor, use bf16, or pass "
+                "nan_policy='propagate' to store Inf")
+        return out, {}
 
     def _decode(self, cb, ps):
         return cb.to(torch.float32)
