@@ -9,6 +9,11 @@ Efficient Integer-Arithmetic-Only Inference", CVPR 2018, eq. 1): ``r = s (q - z)
   ``min' = min(min x, 0)`` (so zero is exact), ``z = qmin - round(min'/s)``, stored;
 - ``q = clamp(round(x / s) + z, qmin, qmax)``, round half to even (``torch.round``).
 
+With ``full_range=True`` a symmetric format uses all ``2^b`` codes: the element of largest
+magnitude ``m`` maps onto ``-2^(b-1)``, ``s = m / -2^(b-1)`` (a signed scale), as in
+llama.cpp's ``Q4_0`` and ONNX Runtime's symmetric ``MatMulNBits`` quantizer; the opposite
+side then saturates at ``2^(b-1) - 1``.
+
 The 1-bit symmetric format is binary: ``x ≈ s · sign(x)`` with ``s = mean|x|`` per block, the
 least-squares optimum (Rastegari et al., "XNOR-Net", ECCV 2016, eq. 3–6); its code is the sign
 bit (0 for negative, 1 otherwise).
@@ -35,6 +40,7 @@ class IntFormat(Format):
     scale_dtype: str = "fp32"
     clip_ratio: float = 1.0
     pad: bool = False
+    full_range: bool = False
 
     _fixed = ("bits", "signed")
 
@@ -48,6 +54,9 @@ class IntFormat(Format):
                               "is for plain float storage", hint="use per_tensor, per_channel, "
                               "per_group or per_token")
         scale_dtype(self.scale_dtype, self.name)
+        if self.full_range and (not self.symmetric or self.bits < 2):
+            raise ConfigError(f"{self.name}: full_range applies to symmetric formats of 2 bits "
+                              "or more")
         if not 0 < float(self.clip_ratio) <= 1:
             raise ConfigError(f"{self.name}: clip_ratio must be in (0, 1], got {self.clip_ratio}")
 
@@ -89,6 +98,10 @@ class IntFormat(Format):
             z = given["zero_point"].to(torch.float32) if not self.symmetric else None
         elif self.binary:
             s = (xb.abs().mean(-1) * clip).to(sdt)
+            z = None
+        elif self.symmetric and self.full_range:
+            m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            s = (m * clip / -(1 << (self.bits - 1))).to(sdt)
             z = None
         elif self.symmetric:
             s = (xb.abs().amax(-1) * clip / ((1 << (self.bits - 1)) - 1)).to(sdt)

@@ -165,3 +165,28 @@ def test_half_precision_input_keeps_dtype():
     assert fmt.fake_quant(x).dtype == torch.float16
     with pytest.raises(ConfigError, match="floating-point"):
         fmt.quantize(torch.arange(32))
+
+
+def test_full_range_matches_onnxruntime_matmulnbits():
+    """full_range=True: the signed abs-max maps onto -8, as ONNX Runtime's symmetric 4-bit
+    quantizer (and llama.cpp's Q4_0) do; scales and codes equal ORT's bit for bit."""
+    import numpy as np
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k, g = 48, 256, 32
+    x = torch.randn(n, k) * torch.logspace(-2, 1, n)[:, None]
+    packed = np.zeros((n, k // g, g // 2), np.uint8)
+    scale = np.zeros((n, k // g), np.float32)
+    zp = np.zeros((n, (k // g + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(x.numpy().T), scale, zp, g, n, k, True)
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, k)
+    qt = F.get("uint4", group_size=g, symmetric=True, full_range=True).quantize(x)
+    assert np.array_equal(qt.params["scale"].numpy(), scale)
+    assert np.array_equal(qt.codes.numpy(), codes)
+    signed = F.get("int4", group_size=g, full_range=True)
+    qs = signed.quantize(x)
+    assert qs.codes.min() == -8 and torch.equal(qs.codes.to(torch.int16) + 8, qt.codes.to(torch.int16))
+    full_err = _rel(signed, x)
+    assert full_err < _rel(F.get("int4", group_size=g), x)  # 16 levels beat 15
+    with pytest.raises(ConfigError, match="full_range"):
+        F.get("uint4", full_range=True)  # asymmetric
