@@ -70,14 +70,23 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
                               "which is not available yet", hint="pass a single target")
         target = target[0]
     backend = get_backend(target)  # an unknown target fails before any work
-    if config is not None or calibration is not None:
-        raise ConfigError("quantization configs and calibration data are not supported by "
-                          "this version yet", hint="compile without config= and calibration=")
+    from qcompile.config import QuantConfig
+    config = QuantConfig.coerce(config)  # a bad config fails before any work too
+    if calibration is not None and config is None:
+        raise ConfigError("calibration data was given without a quantization config",
+                          hint="pass config=QuantConfig(...) or drop calibration=")
     timings = {}
     t0 = time.perf_counter()
     graph = model if isinstance(model, Graph) else capture(model, example_inputs,
                                                             dynamic_shapes=dynamic_shapes)
     timings["capture_s"] = time.perf_counter() - t0
+    if config is not None:
+        from qcompile.passes.pipeline import quantize_graph
+        t0 = time.perf_counter()
+        graph = graph.clone() if graph is model else graph
+        graph, records = quantize_graph(graph, config, calibration)
+        timings["quantize_s"] = time.perf_counter() - t0
+        timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
     t0 = time.perf_counter()
     executable = backend.lower(graph, target)
     timings["lower_s"] = time.perf_counter() - t0

@@ -98,6 +98,8 @@ class Graph:
         self._const_values: dict[str, Value] = {}
         self._names: set[str] = set()
         self._next_id = 0
+        #: transient analysis results passes hand on (calibration statistics, ...); not saved
+        self.meta: dict[str, Any] = {}
 
     # -- naming ---------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
@@ -244,6 +246,7 @@ class Graph:
                 vmap[id(o)] = no
             g.nodes.append(nn_)
         g.outputs = [vmap[id(v)] for v in self.outputs]
+        g.meta = dict(self.meta)
         return g
 
     def __str__(self) -> str:

@@ -1,0 +1,136 @@
+"""quantize_weights: quantize every linear's constant weight ``[out, in]`` along its input axis
+into the layer's format, with the layer's algorithm:
+
+- ``rtn``: round to nearest (the format's own rounding), optionally with a search of the
+  clipping ratio that minimises ``‖W − Q(W)‖²`` (``rtn_clip_search``; the grid of AWQ's
+  ``auto_clip``, Lin et al. 2024, §3.3);
+- ``gptq``: Frantar et al., "GPTQ", ICLR 2023, Algorithm 1, on the calibrated Hessian
+  ``H = 2XᵀX/N`` of the layer input (``qcompile.passes.gptq``);
+- ``awq``: Lin et al., "AWQ", MLSys 2024, eq. 4–5: a per-input-channel scale searched on
+  calibration activations and folded into the producer of the input (``qcompile.passes.awq``);
+  layers whose input has no foldable producer get RTN.
+
+The weight constant becomes its dequantized value, annotated with a ``QuantSpec`` whose scale
+(zero point, tensor scale, metadata) constants hold the format's parameters, so the
+interpreter's fake quantization reproduces it exactly and backends can read the codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qcompile.config import QuantConfig
+from qcompile.errors import ConfigError
+from qcompile.formats import QuantizedTensor
+from qcompile.ir.graph import Graph, Node
+from qcompile.ir.quant import QuantSpec
+from qcompile.passes._scaling import fold_input_scale, linear_consumers
+from qcompile.passes.manager import register_pass
+
+__all__ = ["quantize_weights", "annotate_weight", "rtn"]
+
+CLIP_GRID = [1 - i / 20 for i in range(10)]  # 1.0 … 0.55, AWQ's auto_clip grid
+
+
+def rtn(w: torch.Tensor, fmt, *, clip_search: bool = False) -> QuantizedTensor:
+    """Round to nearest; with ``clip_search``, the clip ratio (int formats) of least MSE."""
+    best = fmt.quantize(w, -1)
+    if not clip_search or not hasattr(fmt, "clip_ratio"):
+        return best
+    err = float((fmt.dequantize(best) - w).pow(2).sum())
+    for r in CLIP_GRID[1:]:
+        f = dataclasses.replace(fmt, clip_ratio=r)
+        qt = f.quantize(w, -1)
+        e = float((f.dequantize(qt) - w).pow(2).sum())
+        if e < err:
+            best, err = qt, e
+    return best
+
+
+def annotate_weight(graph: Graph, lin: Node, qt: QuantizedTensor) -> None:
+    """Replace ``lin``'s weight by ``qt`` dequantized, annotated with ``qt``'s format and
+    parameters (stored as constants named after the weight)."""
+    old = lin.inputs[1]
+    dtype = graph.constants[old.name].dtype
+    fmt = qt.format
+    params = {role: graph.add_constant(f"{old.name}.{role}", t).name for role, t in qt.params.items()}
+    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fmt.options().items()
+            if k not in ("granularity", "group_size")}
+    spec = QuantSpec(fmt.name, fmt.granularity, axis=None if qt.axis is None else 1,
+                     group_size=fmt.group_size, options=tuple(sorted(opts.items())), **params)
+    lin.inputs[1] = graph.add_constant(old.name, qt.dequantize(dtype), quant=spec)
+
+
+def _layer_names(lin: Node) -> tuple[str, str]:
+    return (lin.provenance.module or lin.name, lin.inputs[1].name)
+
+
+@register_pass("quantize_weights")
+def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True) -> Graph:
+    config = QuantConfig.coerce(config)
+    cal = graph.meta.get("calibration")
+    linears = [n for n in graph.nodes if n.op == "linear" and graph.is_constant(n.inputs[1])
+               and n.inputs[1].quant is None]
+    plan = {id(n): config.layer(*_layer_names(n)) for n in linears}
+    needs = {lc.algorithm for lc in plan.values() if lc is not None and lc.weights is not None}
+    if needs & {"gptq", "awq"} and cal is None:
+        raise ConfigError(f"{'/'.join(sorted(needs & {'gptq', 'awq'}))} needs calibration "
+                          "statistics", hint="pass calibration=[inputs, ...] to compile()")
+    report = {}
+    done: set[int] = set()
+    it = linears
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(linears, desc="quantize weights", leave=False, unit="layer")
+    for lin in it:
+        lc = plan[id(lin)]
+        if id(lin) in done:
+            continue
+        if lc is None or lc.weights is None:
+            report[lin.name] = "float"
+            continue
+        fmt = lc.weight_format()
+        w = graph.constants[lin.inputs[1].name].float()
+        if lc.algorithm == "awq":
+            group = _awq(graph, lin, plan, fmt, config, cal)
+            if group is not None:
+                for n in group:
+                    done.add(id(n))
+                    report[n.name] = f"awq {fmt}"
+                continue
+        if lc.algorithm == "gptq":
+            from qcompile.passes.gptq import gptq
+            opts = {"block_size": 128, "damp": 0.01, "act_order": False, "static_groups": True,
+                    **config.gptq}
+            qt = gptq(w, cal[lin.inputs[0].name].hessian(), fmt, **opts).qt
+        else:
+            qt = rtn(w, fmt, clip_search=config.rtn_clip_search)
+        annotate_weight(graph, lin, qt)
+        done.add(id(lin))
+        report[lin.name] = f"{lc.algorithm if lc.algorithm != 'awq' else 'rtn'} {fmt}"
+    graph.meta["quantize_weights"] = report
+    graph.remove_dead()
+    return graph
+
+
+def _awq(graph: Graph, lin: Node, plan, fmt, config: QuantConfig, cal) -> list[Node] | None:
+    """AWQ for the linears sharing ``lin``'s input (same format): search, fold, annotate."""
+    from qcompile.passes.awq import awq_search
+    x = lin.inputs[0]
+    group = linear_consumers(graph, x)
+    if group is None or x.name not in cal or cal[x.name].sample is None:
+        return None
+    if any(plan.get(id(n)) is None or plan[id(n)].weight_format() != fmt for n in group):
+        return None
+    st = cal[x.name]
+    ws = [graph.constants[n.inputs[1].name].float() for n in group]
+    opts = {"grid": 20, "clip": True, **config.awq}
+    res = awq_search(ws if len(ws) > 1 else ws[0], st.absmean.float(), st.sample, fmt, **opts)
+    if not fold_input_scale(graph, x, group, res.scales):
+        return None
+    # after the fold each weight is W·diag(s); quantize it as the search decided (its clip)
+    outs = res.qt if isinstance(res.qt, (list, tuple)) else [res.qt]
+    for n, qt in zip(group, outs):
+        annotate_weight(graph, n, qt)
+    return group

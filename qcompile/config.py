@@ -1,0 +1,202 @@
+"""``QuantConfig``: what to quantize, to which formats, with which algorithm — a typed
+dataclass, also loadable from TOML.
+
+    cfg = QuantConfig(weights="int4", group_size=128, algorithm="gptq")
+    cfg = QuantConfig.from_toml("q.toml")      # the same fields, top-level keys
+
+``overrides`` maps glob patterns (``fnmatch``, matched against a layer's module path and its
+weight's constant name) to field changes for the layers that match, or to ``"skip"`` to
+leave them in float: ``{"*.attention.*": {"weights": "int8"}, "classifier": "skip"}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from qcompile.errors import ConfigError
+
+__all__ = ["QuantConfig", "LayerConfig", "ALGORITHMS", "ROTATIONS"]
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+ROTATIONS = (None, "hadamard", "random", "pca")
+ACT_GRANULARITIES = ("per_token", "per_tensor")
+_LAYER_FIELDS = ("weights", "group_size", "weight_options", "activations",
+                 "activation_granularity", "algorithm")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The resolved settings of one layer (after overrides)."""
+
+    weights: str | None
+    group_size: int | None
+    weight_options: Mapping[str, Any]
+    activations: str | None
+    activation_granularity: str
+    algorithm: str
+
+    def weight_format(self):
+        """The ``qcompile.formats`` format of this layer's weights (None: stays float)."""
+        if self.weights is None:
+            return None
+        from qcompile.formats import get
+        opts = dict(self.weight_options)
+        fmt = get(self.weights, **opts)
+        if fmt.granularity.value in ("none",):
+            return fmt
+        if self.group_size is not None and not fmt.block_only:
+            return get(self.weights, **{**opts, "group_size": self.group_size})
+        if self.group_size is None and not fmt.block_only and "granularity" not in opts:
+            return get(self.weights, **{**opts, "granularity": "per_channel"})
+        return fmt
+
+    def activation_format(self):
+        if self.activations is None:
+            return None
+        from qcompile.formats import get
+        fmt = get(self.activations)
+        if fmt.block_only or fmt.granularity.value == "none":
+            return fmt
+        return get(self.activations, granularity=self.activation_granularity)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model.
+
+    - ``weights``: a format name from ``qcompile.formats`` (``"int4"``, ``"mxfp4"``,
+      ``"nf4"``, ``"bf16"``, ...) or None to keep float weights; ``group_size`` (None: per
+      output channel; ignored by block formats, which carry their own); ``weight_options``:
+      further format options (``{"symmetric": False, "scale_dtype": "fp16"}``).
+    - ``activations``: a format for the inputs of quantized linears, or None;
+      ``activation_granularity``: ``"per_token"`` (dynamic) or ``"per_tensor"`` (static,
+      from calibration).
+    - ``algorithm``: ``"rtn"``, ``"gptq"`` or ``"awq"``; ``rtn_clip_search`` adds an MSE
+      search of the clipping ratio; ``gptq`` / ``awq``: their options.
+    - ``rotation``: None, ``"hadamard"``, ``"random"`` or ``"pca"`` (ResQ); ``smoothquant``:
+      None or α in [0, 1]; ``smoothquant_alpha_overrides``: per-layer α by pattern.
+    - ``kv_cache``: a format for attention's K and V, or None.
+    - ``calibration_size``: how many calibration samples are used at most.
+    """
+
+    weights: str | None = "int4"
+    group_size: int | None = 128
+    weight_options: Mapping[str, Any] = field(default_factory=dict)
+    activations: str | None = None
+    activation_granularity: str = "per_token"
+    algorithm: str = "rtn"
+    rtn_clip_search: bool = False
+    gptq: Mapping[str, Any] = field(default_factory=dict)
+    awq: Mapping[str, Any] = field(default_factory=dict)
+    rotation: str | None = None
+    smoothquant: float | None = None
+    smoothquant_alpha_overrides: Mapping[str, float] = field(default_factory=dict)
+    kv_cache: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    calibration_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        from qcompile.formats import get
+        for name in ("weights", "activations", "kv_cache"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"QuantConfig.{name} must be a format name or None, got {v!r}")
+            if v is not None:
+                get(v)  # raises ConfigError naming the format and the known ones
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown quantization algorithm {self.algorithm!r}",
+                              hint=f"use one of {', '.join(ALGORITHMS)}")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"unknown rotation {self.rotation!r}",
+                              hint="use None, 'hadamard', 'random' or 'pca'")
+        if self.activation_granularity not in ACT_GRANULARITIES:
+            raise ConfigError(f"activation_granularity must be one of {ACT_GRANULARITIES}, got "
+                              f"{self.activation_granularity!r}")
+        if self.smoothquant is not None and not 0 <= float(self.smoothquant) <= 1:
+            raise ConfigError(f"smoothquant α must be in [0, 1], got {self.smoothquant}")
+        if self.group_size is not None and (not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ConfigError(f"group_size must be a positive integer or None, got "
+                              f"{self.group_size!r}")
+        if not isinstance(self.calibration_size, int) or self.calibration_size < 1:
+            raise ConfigError(f"calibration_size must be a positive integer, got "
+                              f"{self.calibration_size!r}")
+        for pat, ov in self.overrides.items():
+            if ov == "skip" or ov is None:
+                continue
+            if not isinstance(ov, Mapping):
+                raise ConfigError(f"override {pat!r} must be a dict of fields or 'skip', got {ov!r}")
+            bad = sorted(set(ov) - set(_LAYER_FIELDS))
+            if bad:
+                raise ConfigError(f"override {pat!r} sets {bad}, which cannot vary per layer",
+                                  hint=f"per-layer fields: {', '.join(_LAYER_FIELDS)}")
+        self.layer("")  # the defaults resolve (formats and group sizes fit together)
+
+    # -- per layer --------------------------------------------------------------------
+    def layer(self, *names: str) -> LayerConfig | None:
+        """Settings for the layer known by ``names`` (module path, weight name); None when an
+        override says ``"skip"``. Later matching patterns win."""
+        d = {k: getattr(self, k) for k in _LAYER_FIELDS}
+        for pat, ov in self.overrides.items():
+            if any(n and fnmatch.fnmatchcase(n, pat) for n in names):
+                if ov == "skip" or ov is None:
+                    return None
+                d.update(ov)
+        lc = LayerConfig(**d)
+        lc.weight_format()
+        lc.activation_format()
+        if lc.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown quantization algorithm {lc.algorithm!r} for layer "
+                              f"{names[0] if names else ''}")
+        return lc
+
+    # -- (de)serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig field(s) {unknown}",
+                              hint=f"fields: {', '.join(sorted(names))}")
+        d = {k: (None if v == "none" and k in ("weights", "activations", "rotation",
+                                               "kv_cache", "smoothquant", "group_size") else v)
+             for k, v in d.items()}
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, source: str | Path) -> "QuantConfig":
+        """Read a TOML file (or TOML text): top-level keys are the fields; ``"none"`` means
+        None, and tables give ``overrides``, ``gptq``, ``awq``, ``weight_options``."""
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        p = Path(source) if not isinstance(source, Path) else source
+        try:
+            text = p.read_text() if p.suffix == ".toml" or p.exists() else str(source)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {source}: {e}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {source} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, config) -> "QuantConfig":
+        if config is None or isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        if isinstance(config, (str, Path)):
+            return cls.from_toml(config)
+        raise ConfigError(f"config must be a QuantConfig, a dict or a TOML path, got "
+                          f"{type(config).__name__}")
