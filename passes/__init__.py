@@ -1,11 +1,11 @@
 """qcompile passes: one transform per file, registered by name, run by a ``PassManager``."""
-from qcompile.passes.manager import PassManager, all_passes, get_pass, register_pass, run_passes
+from qcompile.passes import calibrate as _calibrate  # noqa: F401
 from qcompile.passes import canonicalize as _canonicalize  # noqa: F401  (registers passes)
 from qcompile.passes import fold_constants as _fold  # noqa: F401
-from qcompile.passes import calibrate as _calibrate  # noqa: F401
 from qcompile.passes import fold_norms as _fold_norms  # noqa: F401
-from qcompile.passes import smoothquant as _smoothquant  # noqa: F401
-from qcompile.passes import quantize_weights as _quantize_weights  # noqa: F401
 from qcompile.passes import quantize_activations as _quantize_activations  # noqa: F401
+from qcompile.passes import quantize_weights as _quantize_weights  # noqa: F401
+from qcompile.passes import smoothquant as _smoothquant  # noqa: F401
+from qcompile.passes.manager import PassManager, all_passes, get_pass, register_pass, run_passes
 
 __all__ = ["PassManager", "register_pass", "get_pass", "all_passes", "run_passes"]

@@ -1,8 +1,6 @@
 """fold_norms: outputs unchanged; norms read only by linears lose their affine."""
 from __future__ import annotations
 
-import torch
-
 from qcompile.interpreter import Interpreter
 from qcompile.passes import run_passes
 
