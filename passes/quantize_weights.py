@@ -92,6 +92,13 @@ def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True
             continue
         fmt = lc.weight_format()
         w = graph.constants[lin.inputs[1].name].float()
+        try:
+            fmt.layout(w.shape, -1)
+        except ConfigError as e:
+            raise ConfigError(f"cannot quantize the weight of {lin.describe()} "
+                              f"({list(w.shape)}) as {fmt}: {e}", node=lin,
+                              hint="override this layer's format or group size, or skip it "
+                                   "(QuantConfig(overrides={pattern: 'skip'}))") from None
         if lc.algorithm == "awq":
             group = _awq(graph, lin, plan, fmt, config, cal)
             if group is not None:

@@ -55,6 +55,8 @@ def get(name, **options):
                                "(e.g. int8 rather than int4 with bits=8)")
     if "group_size" in options and "granularity" not in options:
         options = dict(options, granularity="per_group")  # a group size implies groups
+    if options.get("granularity", "per_group") != "per_group" and "group_size" not in options:
+        options = dict(options, group_size=None)  # a preset group size does not outlive groups
     kwargs = {**preset, **options}
     for k, v in kwargs.items():
         if isinstance(v, list):

@@ -1,0 +1,58 @@
+"""compile(model, config=..., calibration=...): the pipeline a QuantConfig asks for, its errors,
+and quantized artifacts that save and load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.config import QuantConfig
+from qcompile.errors import ConfigError
+from qcompile.passes.pipeline import quantization_pipeline
+
+
+def test_pipeline_for_configs():
+    names, _ = quantization_pipeline(QuantConfig(), None)
+    assert names == ["quantize_weights", "quantize_activations"]
+    names, opts = quantization_pipeline(QuantConfig(smoothquant=0.5, algorithm="gptq"), [1])
+    assert names == ["fold_norms", "calibrate", "smoothquant", "calibrate", "quantize_weights",
+                     "quantize_activations"]
+    assert opts["calibrate"]["hessian"] is True
+    with pytest.raises(ConfigError, match="calibration data"):
+        quantization_pipeline(QuantConfig(algorithm="awq"), None)
+    with pytest.raises(ConfigError, match="rotation"):
+        quantization_pipeline(QuantConfig(rotation="hadamard"), [1])
+
+
+def test_compile_quantized_end_to_end(tiny_mlp, tmp_path):
+    x = torch.randn(4, 8)
+    cal = [torch.randn(4, 8) for _ in range(3)]
+    toml = tmp_path / "q.toml"
+    toml.write_text('weights = "int4"\ngroup_size = 8\nactivations = "int8"\n')
+    cm = qcompile.compile(tiny_mlp, "reference", example_inputs=(x,), config=toml,
+                          calibration=cal)
+    layers = cm.summary()["layers"]
+    assert [ly["format"] for ly in layers] == ["int4 per_group(axis=1, g=8)"] * 2
+    assert all(ly["activations"] == "int8 per_token(axis=-1)" for ly in layers)
+    assert "quantize_s" in cm.timings
+    y = cm(x)
+    with torch.no_grad():
+        ref = tiny_mlp(x)
+    assert 0 < float((y - ref).norm() / ref.norm()) < 0.2
+    cm.save(tmp_path / "art")
+    back = qcompile.load(tmp_path / "art")
+    assert torch.equal(back(x), y)
+    assert back.summary()["layers"] == layers
+
+
+def test_compile_errors(tiny_mlp):
+    x = torch.randn(2, 8)
+    with pytest.raises(ConfigError, match="without a quantization config"):
+        qcompile.compile(tiny_mlp, example_inputs=(x,), calibration=[x])
+    with pytest.raises(ConfigError, match="calibration set is empty"):
+        qcompile.compile(tiny_mlp, example_inputs=(x,), config=QuantConfig(algorithm="gptq"),
+                         calibration=[])
+    with pytest.raises(ConfigError, match="unknown numeric format"):
+        qcompile.compile(tiny_mlp, example_inputs=(x,), config={"weights": "int17"})
+    with pytest.raises(ConfigError, match="algorithm"):
+        qcompile.compile(tiny_mlp, example_inputs=(x,), config={"algorithm": "magic"})
