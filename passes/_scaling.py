@@ -42,19 +42,17 @@ def _set_const(graph: Graph, v: Value, t: torch.Tensor) -> Value:
     return graph.add_constant(v.name, t.to(graph.constants[v.name].dtype))
 
 
-def split_norm_affine(graph: Graph, norm: Node, linears: list[Node],
-                      s: torch.Tensor | None = None) -> None:
-    """Give ``linears`` an affine-free copy of ``norm``'s output: the norm loses γ and β (its
-    output becomes ``y₀ / s`` when a channel scale ``s`` is given), the linears absorb them
-    (``W' = W diag(γ) diag(s)``, ``b' = b + W β``), and any other reader gets ``y₀·γ + β``
-    back through explicit ``mul``/``add`` nodes. Outputs are unchanged."""
+def split_norm_affine(graph: Graph, norm: Node, linears: list[Node]) -> None:
+    """Give ``linears`` an affine-free copy of ``norm``'s output: the norm loses γ and β, the
+    linears absorb them (``W' = W diag(γ)``, ``b' = b + W β``), and any other reader gets
+    ``y₀·γ + β`` back through explicit ``mul``/``add`` nodes. Outputs are unchanged."""
     out = norm.outputs[0]
     others = [n for n in graph.users().get(out, []) if n not in linears]
     gamma = norm.inputs[1] if len(norm.inputs) > 1 else None
     beta = norm.inputs[2] if len(norm.inputs) > 2 else None
     g = graph.constants[gamma.name].to(torch.float64) if gamma is not None else None
     b = graph.constants[beta.name].to(torch.float64) if beta is not None else None
-    if g is None and b is None and s is None:
+    if g is None and b is None:
         return
     dtype = graph.constants[linears[0].inputs[1].name].dtype
     for lin in linears:
@@ -67,18 +65,10 @@ def split_norm_affine(graph: Graph, norm: Node, linears: list[Node],
             lin.inputs = lin.inputs[:2] + [nb]
         if g is not None:
             w = w * g
-        if s is not None:
-            w = w * s.to(torch.float64)
         lin.inputs[1] = _set_const(graph, w_v, w)
     if others or out in graph.outputs:
-        if s is not None:  # the readers see y0 / s: give them γ·s
-            g_r = (g if g is not None else torch.ones_like(s, dtype=torch.float64)) * s.double()
-            gamma = graph.add_constant(f"{norm.name}.restore", g_r.to(dtype))
         _restore_affine_for(graph, norm, others, gamma, beta)
-    ins = [norm.inputs[0]]
-    if s is not None:
-        ins.append(graph.add_constant(f"{norm.name}.smooth", (1 / s.double()).to(dtype)))
-    norm.inputs = ins
+    norm.inputs = [norm.inputs[0]]
 
 
 def _restore_affine_for(graph: Graph, norm: Node, readers: list[Node], gamma, beta) -> None:
@@ -108,20 +98,20 @@ def _new_node(graph: Graph, op: str, inputs, like: Node) -> Node:
 
 def fold_input_scale(graph: Graph, x: Value, linears: list[Node], s: torch.Tensor) -> bool:
     """Divide ``x``'s channels by ``s`` at its producer and multiply the linears' weight columns
-    by ``s``. The producer may be a norm (see ``split_norm_affine``: other readers keep the
-    original values) or a linear read only by ``linears`` (its weight rows and bias are
-    divided). Returns False, changing nothing, when ``x`` has no foldable producer."""
+    by ``s``. The producer may be a norm (its γ and β are divided; other readers, such as a
+    post-LN residual, get the original values back through a ``mul`` by ``s``) or a linear
+    read only by ``linears`` (its weight rows and bias are divided). Returns False, changing
+    nothing, when ``x`` has no foldable producer."""
     s = s.to(torch.float64)
     p = x.producer
     users = graph.users().get(x, [])
     if p is not None and norm_of(graph, x) is not None:
-        others = [n for n in users if n not in linears] or x in graph.outputs
-        if others and has_affine(graph, p):
-            return False  # the statistics describe y·γ + β; fold_norms must run first
-        if others:
-            split_norm_affine(graph, p, linears, s)
-            return True
-        # only the linears read the norm: divide γ and β (SmoothQuant's fold, §4)
+        others = [n for n in users if n not in linears]
+        # divide γ and β (SmoothQuant's fold, §4); other readers (a post-LN residual) get the
+        # original values back through a ``mul`` by s
+        if others or x in graph.outputs:
+            _restore_affine_for(graph, p, others,
+                                graph.add_constant(f"{p.name}.unsmooth", s.float()), None)
         gamma = p.inputs[1] if len(p.inputs) > 1 else None
         beta = p.inputs[2] if len(p.inputs) > 2 else None
         g = graph.constants[gamma.name].double() if gamma is not None else torch.ones_like(s)

@@ -28,8 +28,6 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
     static_acts = cfg.activations is not None and cfg.activation_granularity == "per_tensor"
     stats = bool(algos & {"gptq", "awq"}) or static_acts
     names, opts = [], {}
-    if cfg.smoothquant is not None or "awq" in algos:
-        names.append("fold_norms")
     cal = {"data": data, "max_samples": cfg.calibration_size, "seed": cfg.seed,
            "progress": progress}
     if cfg.smoothquant is not None:

@@ -26,12 +26,11 @@ from qcompile.formats import QuantizedTensor
 from qcompile.ir.graph import Graph, Node
 from qcompile.ir.quant import QuantSpec
 from qcompile.passes._scaling import fold_input_scale, linear_consumers
+from qcompile.passes.awq import CLIP_GRID, awq_quantize, awq_search
+from qcompile.passes.gptq import gptq
 from qcompile.passes.manager import register_pass
 
 __all__ = ["quantize_weights", "annotate_weight", "rtn"]
-
-CLIP_GRID = [1 - i / 20 for i in range(10)]  # 1.0 … 0.55, AWQ's auto_clip grid
-
 
 def rtn(w: torch.Tensor, fmt, *, clip_search: bool = False) -> QuantizedTensor:
     """Round to nearest; with ``clip_search``, the clip ratio (int formats) of least MSE."""
@@ -77,67 +76,93 @@ def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True
     if needs & {"gptq", "awq"} and cal is None:
         raise ConfigError(f"{'/'.join(sorted(needs & {'gptq', 'awq'}))} needs calibration "
                           "statistics", hint="pass calibration=[inputs, ...] to compile()")
+    for lin in linears:  # every format must fit before anything changes
+        lc = plan[id(lin)]
+        if lc is not None and lc.weights is not None:
+            _check_fits(graph, lin, lc.weight_format())
+    # AWQ first: search and fold every scale, so a producer linear absorbs the scales of the
+    # layers it feeds before it is quantized itself (Lin et al. 2024, reference order)
+    awq_inputs = _awq_fold(graph, linears, plan, config, cal) if "awq" in needs else {}
     report = {}
-    done: set[int] = set()
     it = linears
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(linears, desc="quantize weights", leave=False, unit="layer")
     for lin in it:
         lc = plan[id(lin)]
-        if id(lin) in done:
-            continue
         if lc is None or lc.weights is None:
             report[lin.name] = "float"
             continue
         fmt = lc.weight_format()
         w = graph.constants[lin.inputs[1].name].float()
-        try:
-            fmt.layout(w.shape, -1)
-        except ConfigError as e:
-            raise ConfigError(f"cannot quantize the weight of {lin.describe()} "
-                              f"({list(w.shape)}) as {fmt}: {e}", node=lin,
-                              hint="override this layer's format or group size, or skip it "
-                                   "(QuantConfig(overrides={pattern: 'skip'}))") from None
-        if lc.algorithm == "awq":
-            group = _awq(graph, lin, plan, fmt, config, cal)
-            if group is not None:
-                for n in group:
-                    done.add(id(n))
-                    report[n.name] = f"awq {fmt}"
-                continue
-        if lc.algorithm == "gptq":
-            from qcompile.passes.gptq import gptq
+        algo = lc.algorithm
+        if algo == "awq" and id(lin) in awq_inputs:
+            clip = config.awq.get("clip", True) and not feeds_attention_scores(graph, lin)
+            qt = awq_quantize(w, awq_inputs[id(lin)], fmt, clip=clip)
+        elif algo == "gptq":
             opts = {"block_size": 128, "damp": 0.01, "act_order": False, "static_groups": True,
                     **config.gptq}
             qt = gptq(w, cal[lin.inputs[0].name].hessian(), fmt, **opts).qt
         else:
+            algo = "rtn"  # also AWQ layers whose input has no foldable producer
             qt = rtn(w, fmt, clip_search=config.rtn_clip_search)
         annotate_weight(graph, lin, qt)
-        done.add(id(lin))
-        report[lin.name] = f"{lc.algorithm if lc.algorithm != 'awq' else 'rtn'} {fmt}"
+        report[lin.name] = f"{algo} {fmt}"
     graph.meta["quantize_weights"] = report
     graph.remove_dead()
     return graph
 
 
-def _awq(graph: Graph, lin: Node, plan, fmt, config: QuantConfig, cal) -> list[Node] | None:
-    """AWQ for the linears sharing ``lin``'s input (same format): search, fold, annotate."""
-    from qcompile.passes.awq import awq_search
-    x = lin.inputs[0]
-    group = linear_consumers(graph, x)
-    if group is None or x.name not in cal or cal[x.name].sample is None:
-        return None
-    if any(plan.get(id(n)) is None or plan[id(n)].weight_format() != fmt for n in group):
-        return None
-    st = cal[x.name]
-    ws = [graph.constants[n.inputs[1].name].float() for n in group]
-    opts = {"grid": 20, "clip": True, **config.awq}
-    res = awq_search(ws if len(ws) > 1 else ws[0], st.absmean.float(), st.sample, fmt, **opts)
-    if not fold_input_scale(graph, x, group, res.scales):
-        return None
-    # after the fold each weight is W·diag(s); quantize it as the search decided (its clip)
-    outs = res.qt if isinstance(res.qt, (list, tuple)) else [res.qt]
-    for n, qt in zip(group, outs):
-        annotate_weight(graph, n, qt)
-    return group
+def _check_fits(graph: Graph, lin: Node, fmt) -> None:
+    w = graph.constants[lin.inputs[1].name]
+    try:
+        fmt.layout(w.shape, -1)
+    except ConfigError as e:
+        raise ConfigError(f"cannot quantize the weight of {lin.describe()} "
+                          f"({list(w.shape)}) as {fmt}: {e}", node=lin,
+                          hint="override this layer's format or group size, or skip it "
+                               "(QuantConfig(overrides={pattern: 'skip'}))") from None
+
+
+def _awq_fold(graph: Graph, linears: list[Node], plan, config: QuantConfig, cal) -> dict:
+    """Search AWQ's scale for each group of AWQ linears sharing an input (same format), fold
+    it, and return each folded linear's calibration rows in its new (scaled) input space."""
+    out: dict[int, torch.Tensor] = {}
+    opts = {k: v for k, v in config.awq.items() if k == "grid"}
+    for lin in linears:
+        lc = plan[id(lin)]
+        if id(lin) in out or lc is None or lc.weights is None or lc.algorithm != "awq":
+            continue
+        x = lin.inputs[0]
+        group = linear_consumers(graph, x)
+        if group is None or x.name not in cal or cal[x.name].sample is None:
+            continue
+        fmt = lc.weight_format()
+        if any(plan.get(id(n)) is None or plan[id(n)].algorithm != "awq"
+               or plan[id(n)].weight_format() != fmt for n in group):
+            continue  # one scale serves every reader: they must agree
+        st = cal[x.name]
+        ws = [graph.constants[n.inputs[1].name].float() for n in group]
+        res = awq_search(ws, st.absmean.float(), st.sample, fmt, **opts)
+        if fold_input_scale(graph, x, group, res.scales):
+            rows = st.sample / res.scales.float()
+            out.update({id(n): rows for n in group})
+    return out
+
+
+_PASS_THROUGH = ("reshape", "permute", "rotary", "expand", "identity", "hadamard", "cast")
+
+
+def feeds_attention_scores(graph: Graph, lin: Node) -> bool:
+    """Whether ``lin``'s output reaches an attention's q or k (through shape ops and rotary)."""
+    users = graph.users()
+    todo, seen = [lin.outputs[0]], set()
+    while todo:
+        v = todo.pop()
+        for n in users.get(v, []):
+            if n.op == "attention" and (n.inputs[0] is v or n.inputs[1] is v):
+                return True
+            if n.op in _PASS_THROUGH and n.inputs[0] is v and id(n) not in seen:
+                seen.add(id(n))
+                todo.append(n.outputs[0])
+    return False

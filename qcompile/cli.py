@@ -59,11 +59,34 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _calibration(path: str | None, names: list[str] | None):
+    """Samples from an ``.npz`` whose arrays (one per model input, by name or in order) carry
+    the samples along their first axis."""
+    if path is None:
+        return None
+    from qcompile.errors import ConfigError
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read calibration file {path}: {e}",
+                          hint="give an .npz with one array per model input, samples first") from None
+    keys = list(z.files)
+    counts = {k: z[k].shape[0] for k in keys}
+    if len(set(counts.values())) != 1:
+        raise ConfigError(f"calibration arrays in {path} hold different sample counts {counts}")
+    n = next(iter(counts.values()), 0)
+    if names and set(names) <= set(keys):
+        return [{k: z[k][i] for k in names} for i in range(n)]
+    return [tuple(z[k][i] for k in keys) for i in range(n)]
+
+
 def cmd_build(a) -> int:
     import qcompile
     model, inputs, dyn = _load_model(a.model)
     t0 = time.perf_counter()
-    cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn)
+    names = list(inputs) if isinstance(inputs, dict) else None
+    cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn,
+                          config=a.config, calibration=_calibration(a.calibration, names))
     out = cm.save(a.output)
     print(f"built {a.model} for {a.target} in {time.perf_counter() - t0:.2f}s -> {out}")
     return 0
@@ -120,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help=m_help)
     s.add_argument("--target", default="reference", help="target name (see qcompile.targets())")
     s.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    s.add_argument("--config", help="a QuantConfig TOML file (weights, activations, algorithm, ...)")
+    s.add_argument("--calibration", help="an .npz of calibration samples: one array per input, "
+                                         "samples along the first axis")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("run", help="run a built artifact on .npy inputs")
     s.add_argument("artifact", help="directory written by `qcompile build`")

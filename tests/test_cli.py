@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 
+import qcompile
 from qcompile.cli import main
 from qcompile.zoo import mlp
 
@@ -32,6 +33,22 @@ def test_build_run_bench(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", str(art), "--input", str(tmp_path / "x.npy"), "--repeat", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["repeat"] == 3
+
+
+def test_build_quantized_with_config_and_calibration(tmp_path, capsys):
+    (tmp_path / "q.toml").write_text('weights = "int4"\ngroup_size = 32\nalgorithm = "gptq"\n'
+                                      'activations = "int8"\n')
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((6, 4, 64))
+             .astype(np.float32))
+    art = tmp_path / "art"
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(art), "--config", str(tmp_path / "q.toml"),
+                 "--calibration", str(tmp_path / "cal.npz")]) == 0
+    layers = qcompile.load(art).summary()["layers"]
+    assert [ly["format"] for ly in layers] == ["int4 per_group(axis=1, g=32)"] * 3
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(tmp_path / "b"), "--config",
+                 str(tmp_path / "q.toml")]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

@@ -388,6 +388,21 @@ class Format:
         y = self.dequantize(self.quantize(x, axis, params=params), dtype=x.dtype)
         return ste(x, y)
 
+    # -- block-level access (for algorithms that quantize a tensor piece by piece) -----------
+    def block_params(self, xb: torch.Tensor, fixed: Mapping[str, torch.Tensor] | None = None) -> dict:
+        """The parameters ``quantize`` would compute for blocks ``xb`` (``(*other, nblocks,
+        block)``), in block form ``(*other, nblocks)``; tensor-level roles (NVFP4's tensor
+        scale) are taken from ``fixed`` when given, so a tensor quantized group by group (GPTQ)
+        keeps one tensor scale."""
+        fixed = {r: torch.as_tensor(v).reshape(()) for r, v in (fixed or {}).items()
+                 if r in self.tensor_roles}
+        return self._encode(xb.to(torch.float32), fixed or None)[1]
+
+    def fake_quant_blocks(self, xb: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Decode(encode(``xb``)) against block-form ``params`` (as ``block_params`` gives)."""
+        p = dict(params)
+        return self._decode(self._encode(xb.to(torch.float32), p)[0], p)
+
     # -- for subclasses -------------------------------------------------------------------
     def _required(self, role: str) -> bool:
         return True

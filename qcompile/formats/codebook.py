@@ -172,9 +172,10 @@ class SpecialValueFP4(Format):
     def _encode(self, xb, given):
         specials = torch.tensor(self.specials, dtype=torch.float32)
         sg = torch.ones(())
-        if self.scaling == "nvfp4":
-            sg = given["tensor_scale"].float().reshape(()) if given else tensor_scale_of(xb, 6.0)
-        if given is not None:
+        if self.scaling == "nvfp4":  # given may hold the tensor scale alone (``block_params``)
+            sg = given["tensor_scale"].float().reshape(()) if given and "tensor_scale" in given \
+                else tensor_scale_of(xb, 6.0)
+        if given is not None and "meta" in given:
             meta = given["meta"].to(torch.int64)
             stored = given["scale"]
             s = self._stored_scale(stored, sg)

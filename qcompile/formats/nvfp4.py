@@ -60,11 +60,14 @@ class NVFP4Format(Format):
         return 8 if role == "scale" else 32
 
     def _encode(self, xb, given):
-        if given is not None:
+        given = given or {}  # may hold the tensor scale alone (``block_params``)
+        if "tensor_scale" in given:
             sg = given["tensor_scale"].to(torch.float32).reshape(())
-            sb_codes = given["scale"].to(torch.uint8)
         else:
             sg = tensor_scale_of(xb, E2M1_MAX) if self.tensor_scale else torch.ones(())
+        if "scale" in given:
+            sb_codes = given["scale"].to(torch.uint8)
+        else:
             sb_codes = e4m3_block_scales(xb.abs().amax(-1), E2M1_MAX, sg)
         denom = decode_elements(sb_codes, _E4M3) * sg
         v = safe_div(xb, denom[..., None]).clamp(-E2M1_MAX, E2M1_MAX)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.errors import VerificationError
+from qcompile.hadamard import hadamard_matrix
 from qcompile.interpreter import Interpreter
 from qcompile.ir import Graph, TensorType, all_ops, get_schema
 from qcompile.ir.types import eval_dim, to_torch_dtype
@@ -195,6 +196,10 @@ CASES = [
                                                         v.repeat_interleave(2, 1))),
     Case("rotary_sym", "rotary", [In((B, 2, 3, 8)), In((3, 8)), In((3, 8))], {}, _rot, SYM),
     Case("softmax", "softmax", [In((3, 5))], {"axis": 0}, lambda x: torch.softmax(x, 0)),
+    Case("hadamard_blocks_sym", "hadamard", [In((B, 3, 24))], {"size": 12},
+         lambda x: x @ torch.block_diag(*[hadamard_matrix(12, torch.float32)] * 2), SYM),
+    Case("hadamard_transpose", "hadamard", [In((2, 40))], {"size": 40, "transpose": True},
+         lambda x: x @ hadamard_matrix(40, torch.float32).T),
     Case("embedding", "embedding", [In((10, 4)), In((2, 3), "int64", 0, 10)], {},
          lambda w, i: w[i]),
     # shape ops

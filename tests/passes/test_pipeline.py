@@ -15,7 +15,7 @@ def test_pipeline_for_configs():
     names, _ = quantization_pipeline(QuantConfig(), None)
     assert names == ["quantize_weights", "quantize_activations"]
     names, opts = quantization_pipeline(QuantConfig(smoothquant=0.5, algorithm="gptq"), [1])
-    assert names == ["fold_norms", "calibrate", "smoothquant", "calibrate", "quantize_weights",
+    assert names == ["calibrate", "smoothquant", "calibrate", "quantize_weights",
                      "quantize_activations"]
     assert opts["calibrate"]["hessian"] is True
     with pytest.raises(ConfigError, match="calibration data"):

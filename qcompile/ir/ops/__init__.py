@@ -1,2 +1,2 @@
 """The qcompile op set. Importing this package registers every op."""
-from qcompile.ir.ops import elementwise, nn, quant, shape  # noqa: F401
+from qcompile.ir.ops import elementwise, nn, quant, rotation, shape  # noqa: F401
