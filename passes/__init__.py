@@ -5,6 +5,7 @@ from qcompile.passes import fold_constants as _fold  # noqa: F401
 from qcompile.passes import fold_norms as _fold_norms  # noqa: F401
 from qcompile.passes import quantize_activations as _quantize_activations  # noqa: F401
 from qcompile.passes import quantize_weights as _quantize_weights  # noqa: F401
+from qcompile.passes import rotate as _rotate  # noqa: F401
 from qcompile.passes import smoothquant as _smoothquant  # noqa: F401
 from qcompile.passes.manager import PassManager, all_passes, get_pass, register_pass, run_passes
 

@@ -9,7 +9,7 @@ import torch
 from qcompile.ir.graph import Graph, Node, Value
 
 __all__ = ["linear_consumers", "norm_of", "fold_input_scale", "split_norm_affine", "has_affine",
-           "NORMS"]
+           "set_constant", "NORMS"]
 
 NORMS = ("layer_norm", "rms_norm")
 
@@ -37,7 +37,7 @@ def has_affine(graph: Graph, norm: Node) -> bool:
     return any(v is not None for v in norm.inputs[1:])
 
 
-def _set_const(graph: Graph, v: Value, t: torch.Tensor) -> Value:
+def set_constant(graph: Graph, v: Value, t: torch.Tensor) -> Value:
     """A fresh constant holding ``t`` (constants may be shared, so never written in place)."""
     return graph.add_constant(v.name, t.to(graph.constants[v.name].dtype))
 
@@ -65,7 +65,7 @@ def split_norm_affine(graph: Graph, norm: Node, linears: list[Node]) -> None:
             lin.inputs = lin.inputs[:2] + [nb]
         if g is not None:
             w = w * g
-        lin.inputs[1] = _set_const(graph, w_v, w)
+        lin.inputs[1] = set_constant(graph, w_v, w)
     if others or out in graph.outputs:
         _restore_affine_for(graph, norm, others, gamma, beta)
     norm.inputs = [norm.inputs[0]]
@@ -117,14 +117,14 @@ def fold_input_scale(graph: Graph, x: Value, linears: list[Node], s: torch.Tenso
         g = graph.constants[gamma.name].double() if gamma is not None else torch.ones_like(s)
         ins = [p.inputs[0], graph.add_constant(f"{p.name}.weight", (g / s).float())]
         if beta is not None:
-            ins.append(_set_const(graph, beta, graph.constants[beta.name].double() / s))
+            ins.append(set_constant(graph, beta, graph.constants[beta.name].double() / s))
         p.inputs = ins
     elif p is not None and p.op == "linear" and graph.is_constant(p.inputs[1]) \
             and all(n in linears for n in users) and x not in graph.outputs:
         w = graph.constants[p.inputs[1].name].to(torch.float64)
-        p.inputs[1] = _set_const(graph, p.inputs[1], w / s[:, None])
+        p.inputs[1] = set_constant(graph, p.inputs[1], w / s[:, None])
         if len(p.inputs) > 2 and p.inputs[2] is not None:
-            p.inputs[2] = _set_const(graph, p.inputs[2], graph.constants[p.inputs[2].name].double() / s)
+            p.inputs[2] = set_constant(graph, p.inputs[2], graph.constants[p.inputs[2].name].double() / s)
     else:
         return False
     for lin in linears:
@@ -134,4 +134,4 @@ def fold_input_scale(graph: Graph, x: Value, linears: list[Node], s: torch.Tenso
 
 def _scale_columns(graph: Graph, lin: Node, s: torch.Tensor) -> None:
     w = graph.constants[lin.inputs[1].name].to(torch.float64)
-    lin.inputs[1] = _set_const(graph, lin.inputs[1], w * s)
+    lin.inputs[1] = set_constant(graph, lin.inputs[1], w * s)

@@ -1,6 +1,7 @@
 """The quantization pipeline a ``QuantConfig`` asks for, as a pass list:
 
-    fold_norms → calibrate → smoothquant → calibrate → quantize_weights → quantize_activations
+    [fold_norms → (calibrate) → rotate] → [calibrate → smoothquant] → calibrate
+        → quantize_weights → quantize_activations
 
 (steps a config does not need are left out). ``compile()`` runs it between capture and
 lowering; each pass is timed, verified (under tests or ``QCOMPILE_VERIFY=1``) and dumped
@@ -8,38 +9,47 @@ lowering; each pass is timed, verified (under tests or ``QCOMPILE_VERIFY=1``) an
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from qcompile.config import QuantConfig
 from qcompile.errors import ConfigError
 from qcompile.ir.graph import Graph
 from qcompile.passes.manager import PassManager, PassRecord
+from qcompile.passes.rotate import HIGH_SUFFIX
 
 __all__ = ["quantization_pipeline", "quantize_graph"]
 
 
 def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
     """(pass names, per-pass options) for ``cfg`` with calibration samples ``data``."""
-    if cfg.rotation is not None:
-        raise ConfigError(f"rotation={cfg.rotation!r} is not available in this version yet",
-                          hint="compile with rotation=None")
     algos = {cfg.algorithm} | {ov.get("algorithm") for ov in cfg.overrides.values()
                                if isinstance(ov, dict) and ov.get("algorithm")}
     static_acts = cfg.activations is not None and cfg.activation_granularity == "per_tensor"
     stats = bool(algos & {"gptq", "awq"}) or static_acts
+    pca = cfg.rotation == "pca"
+    if (cfg.smoothquant is not None or stats or pca) and data is None:
+        raise ConfigError("this QuantConfig needs calibration data (smoothquant, gptq, awq, "
+                          "static activations or rotation='pca')",
+                          hint="pass calibration=[inputs, ...] to compile()")
     names, opts = [], {}
-    cal = {"data": data, "max_samples": cfg.calibration_size, "seed": cfg.seed,
-           "progress": progress}
+    opts["calibrate"] = {"data": data, "max_samples": cfg.calibration_size, "seed": cfg.seed,
+                         "progress": progress, "hessian": "gptq" in algos or pca,
+                         "reservoir": 512 if "awq" in algos else 0}
+    if cfg.rotation is not None:
+        names += ["fold_norms"] + (["calibrate"] if pca else []) + ["rotate"]
+        opts["rotate"] = {"kind": cfg.rotation, "seed": cfg.seed,
+                          "fraction": float(cfg.resq_options()["fraction"])}
     if cfg.smoothquant is not None:
         names += ["calibrate", "smoothquant"]
         opts["smoothquant"] = {"alpha": float(cfg.smoothquant),
                                "overrides": dict(cfg.smoothquant_alpha_overrides)}
     if stats:
         names.append("calibrate")
-    if (cfg.smoothquant is not None or stats) and data is None:
-        raise ConfigError("this QuantConfig needs calibration data (smoothquant, gptq, awq or "
-                          "static activations)", hint="pass calibration=[inputs, ...] to compile()")
-    opts["calibrate"] = dict(cal, hessian="gptq" in algos, reservoir=512 if "awq" in algos else 0)
+    if pca:  # the high-variance subspace's linears (``…resq_high``) get their own formats
+        high = cfg.resq_options()
+        ov = {"weights": high["weights"], "group_size": None, "activations": high["activations"]}
+        cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, f"*.{HIGH_SUFFIX}": ov})
     names += ["quantize_weights", "quantize_activations"]
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}

@@ -42,11 +42,9 @@ def _spec(graph: Graph, fmt, x: Value, cal) -> QuantSpec:
 
 
 def _copy(graph: Graph, x: Value, readers: list[Node], spec: QuantSpec, tag: str) -> None:
-    first = min(graph.nodes.index(n) for n in readers)
+    first = graph.nodes[min(graph.nodes.index(n) for n in readers)]
     node = graph.add_node("identity", [x], {}, name=f"{x.name}.{tag}",
-                          provenance=readers[0].provenance)
-    graph.nodes.remove(node)
-    graph.nodes.insert(first, node)
+                          provenance=readers[0].provenance, before=first)
     node.outputs[0].quant = spec
     graph.replace_uses(x, node.outputs[0], nodes=readers)
 

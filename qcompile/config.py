@@ -23,6 +23,7 @@ __all__ = ["QuantConfig", "LayerConfig", "ALGORITHMS", "ROTATIONS"]
 ALGORITHMS = ("rtn", "gptq", "awq")
 ROTATIONS = (None, "hadamard", "random", "pca")
 ACT_GRANULARITIES = ("per_token", "per_tensor")
+RESQ_DEFAULTS = {"fraction": 0.125, "weights": "int8", "activations": "int8"}
 _LAYER_FIELDS = ("weights", "group_size", "weight_options", "activations",
                  "activation_granularity", "algorithm")
 
@@ -76,7 +77,9 @@ class QuantConfig:
       from calibration).
     - ``algorithm``: ``"rtn"``, ``"gptq"`` or ``"awq"``; ``rtn_clip_search`` adds an MSE
       search of the clipping ratio; ``gptq`` / ``awq``: their options.
-    - ``rotation``: None, ``"hadamard"``, ``"random"`` or ``"pca"`` (ResQ); ``smoothquant``:
+    - ``rotation``: None, ``"hadamard"``, ``"random"`` or ``"pca"`` (ResQ); ``resq``: for
+      ``"pca"``, the high-variance subspace's ``fraction`` of the width (1/8) and its
+      ``weights`` and ``activations`` formats (``"int8"`` both); ``smoothquant``:
       None or α in [0, 1]; ``smoothquant_alpha_overrides``: per-layer α by pattern.
     - ``kv_cache``: a format for attention's K and V, or None.
     - ``calibration_size``: how many calibration samples are used at most.
@@ -92,6 +95,7 @@ class QuantConfig:
     gptq: Mapping[str, Any] = field(default_factory=dict)
     awq: Mapping[str, Any] = field(default_factory=dict)
     rotation: str | None = None
+    resq: Mapping[str, Any] = field(default_factory=dict)
     smoothquant: float | None = None
     smoothquant_alpha_overrides: Mapping[str, float] = field(default_factory=dict)
     kv_cache: str | None = None
@@ -113,6 +117,13 @@ class QuantConfig:
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"unknown rotation {self.rotation!r}",
                               hint="use None, 'hadamard', 'random' or 'pca'")
+        bad = sorted(set(self.resq) - set(RESQ_DEFAULTS))
+        if bad:
+            raise ConfigError(f"unknown resq option(s) {bad}", hint=f"options: {', '.join(RESQ_DEFAULTS)}")
+        if not 0 < float(self.resq_options()["fraction"]) < 1:
+            raise ConfigError(f"resq fraction must be in (0, 1), got {self.resq['fraction']}")
+        for k in ("weights", "activations"):
+            get(self.resq_options()[k])
         if self.activation_granularity not in ACT_GRANULARITIES:
             raise ConfigError(f"activation_granularity must be one of {ACT_GRANULARITIES}, got "
                               f"{self.activation_granularity!r}")
@@ -135,6 +146,9 @@ class QuantConfig:
                 raise ConfigError(f"override {pat!r} sets {bad}, which cannot vary per layer",
                                   hint=f"per-layer fields: {', '.join(_LAYER_FIELDS)}")
         self.layer("")  # the defaults resolve (formats and group sizes fit together)
+
+    def resq_options(self) -> dict:
+        return {**RESQ_DEFAULTS, **self.resq}
 
     # -- per layer --------------------------------------------------------------------
     def layer(self, *names: str) -> LayerConfig | None:

@@ -137,8 +137,9 @@ class Graph:
     def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, *,
                  name: str | None = None, provenance: Provenance | None = None,
                  output_types: Sequence[TensorType] | None = None,
-                 output_names: Sequence[str] | None = None) -> Node:
-        """Append a node; output types are inferred from the op's schema unless given."""
+                 output_names: Sequence[str] | None = None, before: Node | None = None) -> Node:
+        """Append a node (or insert it ``before`` a given node); output types are inferred
+        from the op's schema unless given."""
         from qcompile.ir.registry import get_schema
         schema = get_schema(op)
         attrs = schema.normalize_attrs(dict(attrs or {}), name or op)
@@ -150,7 +151,10 @@ class Graph:
                                  for i in range(len(output_types))]
         node.outputs = [Value(self.fresh_name(n) if n != node.name else n, t, node)
                         for n, t in zip(names, output_types)]
-        self.nodes.append(node)
+        if before is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self.nodes.index(before), node)
         return node
 
     def add(self, op: str, *inputs: Value | None, provenance: Provenance | None = None,
