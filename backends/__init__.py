@@ -1,8 +1,12 @@
 """qcompile backends: each registers target names, says which nodes it supports, gives a
 cost per node per device, and lowers a graph to an executable."""
-from qcompile.backends.base import (
-    Backend, Executable, all_targets, get_backend, register_backend,
-)
 from qcompile.backends import reference as _reference  # noqa: F401  (registers 'reference')
+from qcompile.backends.base import (
+    Backend,
+    Executable,
+    all_targets,
+    get_backend,
+    register_backend,
+)
 
 __all__ = ["Backend", "Executable", "register_backend", "get_backend", "all_targets"]

@@ -18,9 +18,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import torch
+from _common import ROOT, machine, provenance, table
 from tqdm import tqdm
 
 from qcompile import formats as F
@@ -38,7 +37,6 @@ except ImportError:
     ort_q4 = None
 
 warnings.filterwarnings("ignore", "torch.quantize_per")  # deprecated; still torch's reference
-ROOT = Path(__file__).resolve().parent.parent
 FORMATS = [  # (label, registry name, options)
     ("INT4-g32", "int4", {"group_size": 32}), ("INT4-g128", "int4", {"group_size": 128}),
     ("INT4-g128-full", "uint4", {"group_size": 128, "symmetric": True, "full_range": True}),
@@ -219,13 +217,6 @@ def speed(n: int, repeats: int, fmts: dict) -> list[dict]:
 
 
 # -- report -----------------------------------------------------------------------------------
-def table(head: list, rows: list) -> None:
-    w = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    for r in (head, ["-" * k for k in w], *rows):
-        print("  ".join(str(c).ljust(k) if i == 0 else str(c).rjust(k)
-                        for i, (c, k) in enumerate(zip(r, w))).rstrip())
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -247,11 +238,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def git(*args: str) -> str | None:
-    r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else None
 
 
 def main(argv=None) -> None:
@@ -307,12 +293,8 @@ def main(argv=None) -> None:
     print(f"wall time {wall:.1f} s")
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": "formats", "commit": git("rev-parse", "HEAD"),
-              "dirty": bool(git("status", "--porcelain")),
-              "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
-                          "ml_dtypes": ml_dtypes.__version__, "machine": platform.machine(),
-                          "python": platform.python_version(), "platform": platform.platform()},
+    record = {"benchmark": "formats", **provenance(),
+              "machine": machine(ml_dtypes=ml_dtypes.__version__),
               "config": {"size": n, "repeats": repeats, "axis": -1, "seed": 0, "scale": 0.02,
                          "dists": DISTS, "quick": a.quick},
               "errors": rows, "speed": sp, "required_under_1s": req, "wall_s": wall}

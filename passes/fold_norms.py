@@ -4,7 +4,9 @@
 the RMSNorm scale into the next linear"; SliceGPT, Ashkboos et al. 2024, §3.2 for LayerNorm),
 after which the norm is affine-free and a rotation of its output commutes with it. Readers of
 the norm that are not linears (a post-LN residual, as in BERT) keep the exact original values
-through an explicit ``y·γ + β``. Outputs are unchanged (to float rounding).
+through an explicit ``y·γ + β``. Outputs are unchanged (to float rounding). LayerNorm's
+mean-centring (SliceGPT §3.1), which a rotation of the stream needs, is done by ``rotate``
+on the streams it fuses, where it can centre the writers and embeddings too.
 """
 from __future__ import annotations
 

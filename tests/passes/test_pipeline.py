@@ -62,3 +62,24 @@ def test_compile_errors(tiny_mlp):
         qcompile.compile(tiny_mlp, example_inputs=(x,), config={"weights": "int17"})
     with pytest.raises(ConfigError, match="algorithm"):
         qcompile.compile(tiny_mlp, example_inputs=(x,), config={"algorithm": "magic"})
+
+
+def test_rotated_quantized_llama_saves_and_loads(tmp_path):
+    from qcompile import zoo
+    model, ex, dyn = zoo.tiny_llama(batch=2, seq=8, hidden=64, layers=1, heads=4, kv_heads=2)
+    gen = torch.Generator().manual_seed(4)
+    cal = [(torch.randint(0, 1000, (2, 8), generator=gen),) for _ in range(3)]
+    cfg = QuantConfig(weights="int4", group_size=None, activations="int4", rotation="pca",
+                      kv_cache="int8")
+    cm = qcompile.compile(model, "reference", example_inputs=ex, dynamic_shapes=dyn, config=cfg,
+                          calibration=cal)
+    assert {"hadamard", "slice"} <= set(cm.graph.op_histogram())
+    layers = cm.summary()["layers"]
+    assert any("int8" in ly["format"] for ly in layers) and any("int4" in ly["format"] for ly in layers)
+    x = torch.randint(0, 1000, (3, 8))  # another batch size: the batch stays symbolic
+    y = cm(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert 0 < float((y - ref).norm() / ref.norm()) < 0.5
+    cm.save(tmp_path / "art")
+    assert torch.equal(qcompile.load(tmp_path / "art")(x), y)
