@@ -57,3 +57,4 @@ def llama_graph():
             if "norm" in name:
                 p.mul_(torch.rand(p.shape, generator=gen) + 0.5)
     return capture(model, tuple(ex)), list(ex)
+

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _llama import llama_errors
 
 from qcompile import formats
-from qcompile.config import QuantConfig
 from qcompile.errors import PassError
 from qcompile.interpreter import Interpreter
 from qcompile.passes.awq import awq_quantize, awq_scales, awq_search, clip_search
-from qcompile.passes.pipeline import quantize_graph
 
 
 def _salient(n_tokens=512, n=128, seed=0):
@@ -68,20 +67,10 @@ def test_needs_a_sample():
 
 
 def test_awq_pass_beats_rtn_on_tiny_llama(llama_graph):
-    graph, _ = llama_graph
-    gen = torch.Generator().manual_seed(5)
-    cal = [(torch.randint(0, 1000, (2, 12), generator=gen),) for _ in range(8)]
-    test = torch.randint(0, 1000, (2, 12), generator=gen)
-    ref = Interpreter(graph).run(test)[0]
-    errs = {}
-    for algo in ("rtn", "awq"):
-        cfg = QuantConfig(weights="int3", group_size=32, algorithm=algo)
-        g, _ = quantize_graph(graph.clone(), cfg, cal, progress=False)
-        errs[algo] = float((Interpreter(g).run(test)[0] - ref).norm() / ref.norm())
-        if algo == "awq":
-            rep = g.meta["quantize_weights"]
-            assert sum(v.startswith("awq") for v in rep.values()) >= 8, rep
-    assert errs["awq"] < errs["rtn"], errs
+    errs, graphs = llama_errors(llama_graph[0], ("rtn", "awq"), 5, weights="int3", group_size=32)
+    rep = graphs["awq"].meta["quantize_weights"]
+    assert sum(v.startswith("awq") for v in rep.values()) >= 8, rep
+    assert errs["awq"] < errs["rtn"], errs  # measured 0.348 vs 0.361
 
 
 def test_awq_scales_fold_exactly(llama_graph):
