@@ -20,6 +20,8 @@ class Backend:
 
     name: str = "backend"
     targets: tuple[str, ...] = ()
+    #: packages whose version an artifact must match (besides qcompile and torch)
+    versioned: tuple[str, ...] = ()
 
     def supports(self, node: Node) -> bool:
         """Whether this backend can run ``node``."""

@@ -164,7 +164,12 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise ArtifactError(f"artifact manifest version {manifest.get('manifest_version')} is "
                             f"not supported (expected {MANIFEST_VERSION})")
     mine = _versions()
-    for k in ("qcompile", "torch"):
+    from qcompile.backends import get_backend as _backend
+    try:
+        needs = ("qcompile", "torch") + tuple(_backend(target).versioned)
+    except Exception:  # noqa: BLE001 - an unknown target is reported below with the rest
+        needs = ("qcompile", "torch")
+    for k in needs:
         if versions.get(k) != mine[k]:
             raise ArtifactError(f"artifact was built with {k} {versions.get(k)}, this is {mine[k]}",
                                 hint="rebuild the artifact with the installed versions")

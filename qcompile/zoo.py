@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["minilm", "minilm_batches", "tiny_llama", "mlp", "SENTENCES"]
+__all__ = ["minilm", "minilm_batches", "tiny_llama", "mlp", "digits_cnn", "DigitsCNN", "SENTENCES"]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -76,3 +76,43 @@ def mlp(batch: int = 4, seed: int = 0):
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
     return model, (torch.randn(batch, 64),), ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+class DigitsCNN(torch.nn.Module):
+    """conv-bn-relu-pool, conv-relu, avg-pool, linear: a small CNN for 8×8 digit images."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.conv2(x))
+        x = torch.nn.functional.avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+def digits_cnn(epochs: int = 4, seed: int = 0):
+    """``DigitsCNN`` trained for a few seconds on scikit-learn's digits (the first 1400
+    images); returns (model, held-out images [397, 1, 8, 8], held-out labels, accuracy)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for i in range(0, 1400, 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
+    return model, x[1400:], y[1400:], acc

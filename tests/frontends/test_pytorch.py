@@ -28,43 +28,14 @@ def test_mlp_export_and_fx_agree_with_torch():
         assert _rel(Interpreter(g).run(x)[0], ref) < 1e-5
 
 
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        x = torch.relu(self.conv2(x))
-        x = nn.functional.avg_pool2d(x, 1)
-        return self.fc(torch.flatten(x, 1))
-
-
 @pytest.fixture(scope="module")
 def digits_cnn():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):  # a few seconds of training: enough to make the weights real
-        for i in range(0, 1400, 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
-            opt.step()
-    model.eval()
-    acc = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
-    return model, x[1400:], acc
+    from qcompile.zoo import digits_cnn
+    return digits_cnn()
 
 
 def test_digits_cnn(digits_cnn):
-    model, x, acc = digits_cnn
+    model, x, _, acc = digits_cnn
     assert acc > 0.8
     g = qcompile.capture(model, (x[:8],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     hist = g.op_histogram()

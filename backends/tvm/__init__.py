@@ -1,0 +1,163 @@
+"""The Apache TVM backend: targets ``cpu`` (LLVM, host features detected, threads = cores),
+``cpu-aarch64`` (cross build only) and ``cuda`` (``sm_80``; ``cuda-sm90``).
+
+``lower`` turns a graph into a Relax module (``lower.py``), schedules it — hand-written
+kernels for the heavy ops, rules for the rest (``schedule.py``; dlight's GPU rules on CUDA) —
+and builds it with ``tvm.compile``; the result runs on the Relax VM with torch tensors in and
+out. An artifact stores the compiled library (``model.so``) and the kernels' parameters
+(``tvm_params.safetensors``) beside the graph.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qcompile.backends.base import Backend, register_backend
+from qcompile.backends.tvm.target import CROSS, cpu_target, cuda_target, host_cpu, require_tvm
+from qcompile.errors import BackendError
+from qcompile.interpreter import bind_inputs
+from qcompile.ir.graph import Graph, Node
+
+__all__ = ["TVMBackend", "TVMExecutable", "build"]
+
+CUDA_ARCH = {"cuda": "sm_80", "cuda-sm80": "sm_80", "cuda-sm90": "sm_90"}
+LIBRARY, PARAMS = "model.so", "tvm_params.safetensors"
+
+
+def _tvm_target(target: str):
+    if target in CUDA_ARCH:
+        return cuda_target(CUDA_ARCH[target]), None
+    if target.startswith("cpu-"):
+        triple, mcpu = CROSS[target[4:]]
+        t = cpu_target(mcpu, triple=triple)
+        return t, host_cpu(t)
+    t = cpu_target()
+    return t, host_cpu(t)
+
+
+def build(graph: Graph, target: str = "cpu", *, kernels: bool = True):
+    """(relax executable, params, lowering) of ``graph`` for ``target``."""
+    tvm = require_tvm()
+    from tvm import relax
+
+    from qcompile.backends.tvm.lower import lower_graph
+    tgt, info = _tvm_target(target)
+    mod, params, L = lower_graph(graph, info, kernels=kernels)
+    with tgt:
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)
+    if target in CUDA_ARCH:
+        from tvm.s_tir import dlight as dl
+        with tgt:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    else:
+        from qcompile.backends.tvm.schedule import schedule_cpu_module
+        mod = schedule_cpu_module(mod, tgt, info)
+    ex = tvm.compile(mod, target=tgt)
+    return ex, params, L
+
+
+class TVMExecutable:
+    """The compiled model on the Relax VM: torch/numpy in, torch out."""
+
+    def __init__(self, graph: Graph, target: str, ex, params: list[np.ndarray], report=None):
+        self.graph = graph
+        self.target = target
+        self.ex = ex
+        self.params = params
+        self.report = dict(report or {})
+        self._vm = None
+
+    def _ready(self):
+        if self._vm is None:
+            tvm = require_tvm()
+            from tvm import relax
+            if self.target.startswith("cpu-"):
+                raise BackendError(f"target {self.target!r} is a cross build; it cannot run here",
+                                   hint="copy the artifact to a matching machine and load it there")
+            if self.target in CUDA_ARCH:
+                dev = tvm.cuda(0)
+                if not dev.exist:
+                    raise BackendError(f"target {self.target!r} needs a CUDA GPU at run time; "
+                                       "none is visible", hint="run on a machine with an NVIDIA GPU "
+                                       "and driver, or build for target 'cpu'")
+            else:
+                dev = tvm.cpu(0)
+            self._dev = dev
+            self._vm = relax.VirtualMachine(self.ex, dev)
+            self._params = [tvm.runtime.tensor(p, dev) for p in self.params]
+        return self._vm
+
+    def __call__(self, *inputs):
+        import tvm
+        vm = self._ready()
+        tensors, _ = bind_inputs(self.graph, inputs)
+        args = [tvm.runtime.tensor(t.contiguous().numpy(), self._dev) for t in tensors]
+        out = vm["main"](*args, *self._params)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [torch.from_numpy(o.numpy()) for o in outs]
+
+    # -- artifacts ------------------------------------------------------------------------
+    def files(self) -> dict[str, bytes]:
+        from safetensors.numpy import save
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / LIBRARY
+            self.ex.export_library(str(path))
+            lib = path.read_bytes()
+        params = save({f"p{i:05d}": p for i, p in enumerate(self.params)},
+                      metadata={"target": self.target})
+        return {LIBRARY: lib, PARAMS: params}
+
+    @staticmethod
+    def from_files(graph: Graph, target: str, files: dict[str, bytes]) -> "TVMExecutable":
+        tvm = require_tvm()
+        from safetensors.numpy import load
+        d = tempfile.mkdtemp(prefix="qcompile-tvm-")
+        try:
+            path = Path(d) / LIBRARY
+            path.write_bytes(files[LIBRARY])
+            ex = tvm.runtime.load_module(str(path))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        loaded = load(files[PARAMS])
+        params = [loaded[k] for k in sorted(loaded)]
+        return TVMExecutable(graph, target, ex, params)
+
+
+class TVMBackend(Backend):
+    name = "tvm"
+    targets = ("cpu", "cpu-aarch64", *CUDA_ARCH)
+    versioned = ("tvm",)  # a library built by one TVM need not load in another
+
+    def supports(self, node: Node) -> bool:
+        from qcompile.backends.tvm import ops  # noqa: F401
+        from qcompile.backends.tvm.lower import LOWERINGS
+        return node.op in LOWERINGS
+
+    def cost(self, node: Node, device: str = "cpu", env=None) -> float:
+        from qcompile.backends import get_backend
+        return get_backend("reference").cost(node, device, env)
+
+    def lower(self, graph: Graph, target: str):
+        ex, params, L = build(graph, target)
+        return TVMExecutable(graph, target, ex, params, L.report)
+
+    def artifacts(self, executable) -> dict[str, bytes]:
+        return executable.files()
+
+    def load(self, graph: Graph, target: str, files: dict[str, bytes]):
+        if LIBRARY not in files or PARAMS not in files:
+            from qcompile.errors import ArtifactError
+            raise ArtifactError(f"a {target} artifact needs {LIBRARY} and {PARAMS}",
+                                hint="rebuild it with qcompile build")
+        return TVMExecutable.from_files(graph, target, files)
+
+
+register_backend(TVMBackend())
