@@ -81,7 +81,7 @@ def metrics(hidden: list[torch.Tensor], ref: list[torch.Tensor], masks: list[tor
 class _Hidden(torch.nn.Module):
     def __init__(self, m):
         super().__init__()
-        self.m = m
+        self.m = m.eval()
 
     def forward(self, input_ids, attention_mask):
         return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -103,6 +103,7 @@ def peer_ort(model, batches, per_channel: bool) -> list[torch.Tensor]:
             logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" note
             quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8,
                              per_channel=per_channel)
+        model.eval()  # the TorchScript exporter leaves the module in training mode (dropout on)
         s = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
         return [torch.from_numpy(s.run(None, {k: v.numpy() for k, v in b.items()})[0])
                 for b in batches]
