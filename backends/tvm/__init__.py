@@ -49,6 +49,7 @@ def build(graph: Graph, target: str = "cpu", *, kernels: bool = True):
     mod, params, L = lower_graph(graph, info, kernels=kernels)
     with tgt:
         mod = tvm.transform.Sequential([
+            relax.transform.DeadCodeElimination(),  # e.g. fake quantization a kernel replaced
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
         ])(mod)
@@ -103,6 +104,33 @@ class TVMExecutable:
         out = vm["main"](*args, *self._params)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return [torch.from_numpy(o.numpy()) for o in outs]
+
+    def profile(self, *inputs, repeat: int = 3) -> dict[str, float]:
+        """Seconds per compiled function (summed over its calls, median over ``repeat`` runs),
+        measured by instrumenting the VM's calls: where a run's time goes."""
+        import time
+        vm = self._ready()
+        samples: dict[str, list[float]] = {}
+        run: dict[str, float] = {}
+        started: list[float] = []
+
+        def instrument(func, name, before, ret, *args):
+            if before:
+                started.append(time.perf_counter())
+            else:
+                run[name] = run.get(name, 0.0) + time.perf_counter() - started.pop()
+            return 0  # VMInstrumentReturnKind.NO_OP
+        vm.set_instrument(instrument)
+        try:
+            for _ in range(repeat + 1):  # the first run warms up
+                run.clear()
+                self(*inputs)
+                for k, v in run.items():
+                    samples.setdefault(k, []).append(v)
+        finally:
+            vm.set_instrument(None)
+        return dict(sorted(((k, sorted(v[1:])[len(v[1:]) // 2]) for k, v in samples.items()
+                            if len(v) > 1), key=lambda kv: -kv[1]))
 
     # -- artifacts ------------------------------------------------------------------------
     def files(self) -> dict[str, bytes]:

@@ -62,6 +62,12 @@ class Lowering:
     consumed: set[str] = field(default_factory=set)
     #: counts of how each linear was lowered, for reports and tests
     report: dict[str, int] = field(default_factory=dict)
+    #: readers of every value (the graph does not change while it is lowered)
+    users: dict = field(default_factory=dict)
+    #: nodes a kernel computed already (a fused activation or residual add): id -> expr
+    absorbed: dict[int, Any] = field(default_factory=dict)
+    #: kernel builders' results by their arguments (one PrimFunc per distinct shape)
+    kernel_cache: dict = field(default_factory=dict)
 
     # -- sizes -----------------------------------------------------------------------------
     def prim(self, d):
@@ -165,15 +171,35 @@ class Lowering:
     def emit(self, expr):
         return self.bb.emit(expr)
 
+    def absorb(self, node, expr) -> None:
+        """``node`` was fused into the kernel that produced ``expr``: it lowers to ``expr``."""
+        self.absorbed[id(node)] = expr
+
     def emit_te(self, fn, *args, name: str = "f", **kw):
         return self.bb.emit_te(fn, *args, primfunc_name_hint=name, **kw)
 
     def call_kernel(self, func, args: list, out: Value, name: str):
         """``call_tir`` of a hand-scheduled PrimFunc; marked opaque so FuseOps leaves it."""
         from tvm import relax
-        func = func.with_attr("op_pattern", 8).with_attr("qcompile.scheduled", True)
+        if func.attrs is not None and "global_symbol" in func.attrs:
+            func = func.without_attr("global_symbol")  # the builder names (and dedups) it
+        func = _with_root_block(func)
+        func = func.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
         gv = self.bb.add_func(func, name)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(self.shape(out), out.dtype)))
+
+    def dtype(self, e) -> str:
+        """The dtype of a Relax expression (normalised first when it is not yet typed)."""
+        return dtype_of(e if isinstance(e, _relax().Var) or hasattr(e, "ty") and e.ty is not None
+                        else self.bb.normalize(e))
+
+    def kernel(self, builder, *args, **kw):
+        """``builder(*args, **kw)``, built once per distinct arguments."""
+        key = (builder.__module__, builder.__name__, tuple(str(a) for a in args),
+               tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if key not in self.kernel_cache:
+            self.kernel_cache[key] = builder(*args, **kw)
+        return self.kernel_cache[key]
 
     def cast(self, e, dtype: str):
         """``e`` as ``dtype`` (unchanged when it already is)."""
@@ -183,6 +209,21 @@ class Lowering:
         if dtype == "bool":  # torch: nonzero is True
             return relax.op.not_equal(e, self.const(0, dtype_of(e)))
         return relax.op.astype(e, dtype)
+
+
+def _with_root_block(func):
+    """``func`` with its body under a root block, as Relax's passes expect of every PrimFunc
+    (RewriteDataflowReshape asserts it of any one-input one-output function)."""
+    from tvm import s_tir
+    if isinstance(func.body, s_tir.SBlockRealize):
+        return func
+    root = s_tir.SBlock([], [], [], "root", func.body)
+    return func.with_body(s_tir.SBlockRealize([], True, root))
+
+
+def _relax():
+    from tvm import relax
+    return relax
 
 
 def dtype_of(e) -> str:
@@ -200,6 +241,7 @@ def lower_graph(graph: Graph, info=None, *, kernels: bool = True, name: str = "m
 
     L = Lowering(graph, info, kernels)
     L.bb = relax.BlockBuilder()
+    L.users = graph.users()
     inputs = [relax.Var(v.name, relax.TensorType(L.shape(v), v.dtype)) for v in graph.inputs]
     for v, var in zip(graph.inputs, inputs):
         L.values[id(v)] = var
@@ -210,12 +252,19 @@ def lower_graph(graph: Graph, info=None, *, kernels: bool = True, name: str = "m
             if v.quant is not None:
                 L.values[id(v)] = fake_quant(L, v, x)
         for node in graph.nodes:
+            if id(node) in L.absorbed:
+                e = L.absorbed[id(node)]
+                v = node.outputs[0]
+                L.values[id(v)] = fake_quant(L, v, e) if v.quant is not None else e
+                continue
             fn = LOWERINGS.get(node.op)
             if fn is None:
                 raise BackendError(f"the TVM backend has no lowering for op {node.op!r}",
                                          node=node, hint="run this model on target 'reference', "
                                                          "or report the op")
-            args = [None if v is None else L.get(v) for v in node.inputs]
+            # a linear's constant weight is fetched by its lowering: a kernel takes it packed
+            args = [None if v is None or (node.op == "linear" and i == 1 and graph.is_constant(v))
+                    else L.get(v) for i, v in enumerate(node.inputs)]
             want = get_schema(node.op).inputs
             if not any(i.startswith("*") for i in want):  # absent optional inputs are None
                 args += [None] * (len(want) - len(args))

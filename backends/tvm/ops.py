@@ -53,15 +53,40 @@ def _reciprocal(L, n, a):
     return R.op.divide(L.const(1, _out(n).dtype), L.cast(a[0], _out(n).dtype))
 
 
+def _act_kernel(L, n, a, kind: str):
+    """The vectorised activation kernel over ``[rows, last]``, or None."""
+    v = n.inputs[0]
+    if not (L.kernels and L.info is not None and v.dtype == "float32" and v.type.rank >= 1
+            and isinstance(v.type.shape[-1], int)):
+        return None
+    from qcompile.backends.tvm.kernels.elementwise import activation
+    from qcompile.backends.tvm.linear import _flat_type, _rows, kernel_rows
+    from qcompile.ir.graph import Value
+    x2, rows = _rows(L, a[0], v) if v.type.rank >= 2 else (a[0], None)
+    if rows is None:
+        return None
+    out = n.outputs[0]
+    func = L.kernel(activation, kernel_rows(rows), v.type.shape[-1], kind=kind, info=L.info)
+    y = L.call_kernel(func, [x2], Value(out.name, _flat_type(out)), f"act_{kind}")
+    return _R().op.reshape(y, L.shape(out)) if out.type.rank != 2 else y
+
+
 @register_lowering("relu", "silu")
 def _act(L, n, a):
     R = _R()
+    if n.op == "silu":
+        k = _act_kernel(L, n, a, "silu")
+        if k is not None:
+            return k
     return getattr(R.op.nn, n.op)(a[0])
 
 
 @register_lowering("gelu")
 def _gelu(L, n, a):
     R = _R()
+    k = _act_kernel(L, n, a, "gelu_tanh" if n.attrs["approximate"] == "tanh" else "gelu")
+    if k is not None:
+        return k
     return R.op.nn.gelu_tanh(a[0]) if n.attrs["approximate"] == "tanh" else R.op.nn.gelu(a[0])
 
 

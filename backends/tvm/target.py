@@ -15,7 +15,10 @@ CROSS = {"aarch64": ("aarch64-linux-gnu", "cortex-a76")}
 
 
 def require_tvm():
-    """``tvm``, or a ``ConfigError`` saying which extra to install."""
+    """``tvm``, or a ``ConfigError`` saying which extra to install. TVM's thread pool starts
+    with half the CPUs unless told otherwise; qcompile uses every core (``TVM_NUM_THREADS``
+    wins when set), so it is set before the pool first starts."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(_threads()))
     try:
         import tvm
     except ImportError as e:
@@ -44,7 +47,12 @@ class CpuInfo:
 
 def _threads() -> int:
     env = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    return int(env) if env and env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_target(mcpu: str | None = None, *, triple: str | None = None, cores: int | None = None):
