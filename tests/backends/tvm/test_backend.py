@@ -59,13 +59,17 @@ def test_minilm_and_digits_cnn_match_the_interpreter():
                           calibration=[ex])
     ref = Interpreter(cm.graph).run(*ex.values())[0]
     assert abs(_cos(cm(**ex)[0], fp32) - _cos(ref, fp32)) < 2e-3  # measured 7e-5
+    cm = qcompile.compile(model, "cpu", example_inputs=ex, dynamic_shapes=dyn, config=W4A16)
+    assert cm._exec.report.get("linear.w4", 0) == 37  # every linear (and the pooler) on int4
+    ref = Interpreter(cm.graph).run(*ex.values())
+    assert max(_rel(a, b) for a, b in zip(cm(**ex), ref)) < 1e-5
     cnn, images, _, _ = zoo.digits_cnn(epochs=1)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},)
-    for config in (None, W4A16):
+    for config in (None, W8A8, W4A16):
         cm = qcompile.compile(cnn, "cpu", example_inputs=(images[:8],), dynamic_shapes=dyn,
                               config=config, calibration=[(images[:8],)] if config else None)
         ref = Interpreter(cm.graph).run(images)[0]
-        assert _rel(cm(images), ref) < 1e-5
+        assert _rel(cm(images), ref) < (2e-3 if config is W8A8 else 1e-5)
 
 
 def test_a_quantized_linear_matches_to_rounding():
