@@ -77,6 +77,11 @@ def lower_linear(L, n: Node, a):
     x, w, b = a
     xv, wv = n.inputs[0], n.inputs[1]
     float_x = xv.dtype == "float32" and n.outputs[0].dtype == "float32"
+    if L.kernels and L.info is None and L.graph.is_constant(wv) and float_x:
+        from qcompile.backends.tvm.quantized import lower_gpu_dequant_linear
+        gpu = lower_gpu_dequant_linear(L, n, x, b, int(wv.type.shape[1]), int(wv.type.shape[0]))
+        if gpu is not None:
+            return gpu
     if not (L.kernels and L.info is not None and L.graph.is_constant(wv) and float_x):
         _count(L, "linear.relax")
         return relax.op.linear(x, w if w is not None else L.get(wv), b)

@@ -8,6 +8,10 @@
   group or per channel) → ``dequant_matmul`` (GEMV for few rows, GEMM from 16 rows on);
 - **MXFP4 / MXINT8** weights → ``mx_dequant_matmul``.
 
+On CUDA (no CPU kernels) an integer weight becomes packed words and scales decoded inside one
+TE matmul, ``y[m, n] = Σ_k x[m, k]·(code(n, k) − z)·s``, which dlight's GPU GEMV / matmul rules
+schedule — weight traffic stays at the code width (the MLC-LLM "decode-GEMV" pattern).
+
 The codes come from the weight's ``QuantSpec`` applied to its stored (dequantized) value,
 which reproduces them exactly. Anything else returns None (the float kernel takes it).
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 from qcompile.ir.quant import Granularity
 
-__all__ = ["lower_quantized_linear"]
+__all__ = ["lower_quantized_linear", "lower_gpu_dequant_linear", "pack_words"]
 
 
 def _codes(L, wv):
@@ -98,3 +102,68 @@ def lower_quantized_linear(L, n, x, b, k: int, nout: int):
 def _flat_value(out, flat_type):
     from qcompile.ir.graph import Value
     return Value(out.name, flat_type(out))
+
+
+def pack_words(values, bits: int):
+    """Unsigned codes ``[N, K]`` packed along K: ``32/bits`` per uint32 word (2, 4, 8 bits), code
+    ``i`` of a word at bits ``bits·i``; 3-bit codes stay one per uint8."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.uint32)
+    if bits == 3:
+        return v.astype(np.uint8)
+    per = 32 // bits
+    n, k = v.shape
+    pad = -k % per
+    v = np.pad(v, ((0, 0), (0, pad)))
+    words = np.zeros((n, v.shape[1] // per), np.uint32)
+    for i in range(per):
+        words |= v[:, i::per] << np.uint32(bits * i)
+    return words
+
+
+def lower_gpu_dequant_linear(L, n, x, b, k: int, nout: int):
+    """An integer-weight linear for a GPU target: packed codes decoded in the matmul."""
+    import numpy as np
+    from tvm import te, tirx
+    wv = n.inputs[1]
+    if wv.quant is None or not _int_weight(wv.quant.fmt):
+        return None
+    fmt = wv.quant.fmt
+    qt = _codes(L, wv)
+    off = 1 << (fmt.bits - 1)
+    codes = qt.codes.numpy().astype(np.int64) + (off if fmt.symmetric else 0)
+    g = fmt.group_size if fmt.granularity == Granularity.PER_GROUP else k
+    scale = qt.params["scale"].float().numpy().reshape(nout, -1)
+    zero = (qt.params["zero_point"].float().numpy().reshape(nout, -1) if not fmt.symmetric
+            else np.full_like(scale, float(off)))
+    args = [x, L.add_param(f"{wv.name}.qweight", pack_words(codes, fmt.bits)),
+            L.add_param(f"{wv.name}.scales", scale.astype(np.float32)),
+            L.add_param(f"{wv.name}.zeros", zero.astype(np.float32))]
+    if b is not None:
+        args.append(b)
+    L.consumed.add(wv.name)
+    bits, per = fmt.bits, (1 if fmt.bits == 3 else 32 // fmt.bits)
+    mask = (1 << bits) - 1
+
+    def f(xt, qw, s, z, *bias):
+        r = te.reduce_axis((0, k), "k")
+
+        def code(j, kk):
+            if bits == 3:
+                return qw[j, kk].astype("float32")
+            word = qw[j, tirx.floordiv(kk, per)]
+            sh = (tirx.floormod(kk, per) * bits).astype("uint32")
+            return tirx.bitwise_and(tirx.shift_right(word, sh), tirx.const(mask, "uint32")
+                                    ).astype("float32")
+
+        def w(j, kk):
+            grp = tirx.floordiv(kk, g)
+            return (code(j, kk) - z[j, grp]) * s[j, grp]
+        lead = list(xt.shape[:-1])
+        y = te.compute(lead + [nout], lambda *i: te.sum(xt[(*i[:-1], r)] * w(i[-1], r), axis=r),
+                       name="dequant_matmul")
+        if bias:
+            y = te.compute(lead + [nout], lambda *i: y[i] + bias[0][i[-1]], name="bias_add")
+        return y
+    L.report["linear.gpu_dequant"] = L.report.get("linear.gpu_dequant", 0) + 1
+    return L.emit_te(f, *args, name=f"dequant_w{bits}_matmul")

@@ -69,11 +69,15 @@ def _rules(info):
         if not loops:
             return
         inner = loops[-1]
+        # bool buffers are bytes in memory but i1 in registers: vectorised stores of them
+        # fail to lower, so their loops stay scalar (they are masks: small)
+        has_bool = any(str(r.source.dtype) == "bool" for r in
+                       list(sch.get(blk).reads) + list(sch.get(blk).writes))
         if len(loops) > 1:
             outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             sch.parallel(outer)
         n = extent(sch, inner)
-        if n is not None and n >= lanes and n % lanes == 0:
+        if not has_bool and n is not None and n >= lanes and n % lanes == 0:
             o, v = sch.split(inner, [None, lanes])
             sch.vectorize(v)
             if len(loops) == 1:
@@ -82,7 +86,31 @@ def _rules(info):
             o, v = sch.split(inner, [None, 16 * lanes])
             sch.parallel(o)
 
-    return [dl.cpu.Reduction(), dl.cpu.GEMV(), Injective(), Fallback()]
+    class NoBool(ScheduleRule):
+        """A dlight rule, kept off functions with bool buffers: it vectorises their stores,
+        which then fail to lower (bool is a byte in memory, i1 in a vector)."""
+
+        def __init__(self, rule):
+            self.rule = rule
+
+        def apply(self, func, target, tunable):
+            if _has_bool(func):
+                return None
+            return self.rule.apply(func, target, tunable)
+
+    return [NoBool(dl.cpu.Reduction()), NoBool(dl.cpu.GEMV()), Injective(), Fallback()]
+
+
+def _has_bool(func) -> bool:
+    """Whether ``func`` has a bool parameter or intermediate buffer."""
+    from tvm.s_tir import Schedule
+    sch = Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - no root block: nothing a dlight rule would take
+        return False
+    return any(str(r.source.dtype) == "bool" for b in blocks
+               for r in list(sch.get(b).reads) + list(sch.get(b).writes))
 
 
 def schedule_cpu_module(mod, target, info):
