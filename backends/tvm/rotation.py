@@ -20,7 +20,36 @@ def _butterfly(y, step: int, p: int):
     return stage
 
 
+def _kernel_hadamard(L, n, a):
+    """The row-transform kernel's result, or None when it does not apply."""
+    import numpy as np
+    from tvm import relax
+
+    from qcompile.backends.tvm.kernels.hadamard import hadamard
+    from qcompile.backends.tvm.linear import _flat_type, _rows, kernel_rows
+    from qcompile.hadamard import base_order, hadamard_matrix
+    from qcompile.ir.graph import Value
+    v = n.inputs[0]
+    if not (L.kernels and L.info is not None and v.dtype == "float32" and v.type.rank >= 2):
+        return None
+    size, width = n.attrs["size"], int(v.type.shape[-1])
+    kf, _ = base_order(size)
+    x2, rows = _rows(L, a[0], v)
+    args = [x2]
+    if kf > 1:
+        args.append(relax.const(hadamard_matrix(kf).numpy().astype(np.float32), "float32"))
+    func = L.kernel(hadamard, kernel_rows(rows), width, size, transpose=n.attrs["transpose"],
+                    info=L.info)
+    out = n.outputs[0]
+    y = L.call_kernel(func, args, Value(out.name, _flat_type(out)), "hadamard")
+    L.report["hadamard.kernel"] = L.report.get("hadamard.kernel", 0) + 1
+    return relax.op.reshape(y, L.shape(out)) if out.type.rank != 2 else y
+
+
 def lower_hadamard(L, n, a):
+    fused = _kernel_hadamard(L, n, a)
+    if fused is not None:
+        return fused
     from tvm import relax, te, tirx
 
     from qcompile.hadamard import base_order, hadamard_matrix

@@ -94,3 +94,18 @@ def test_activation(kind, ref):
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=2e-6)
     with pytest.raises(ValueError, match="unknown activation"):
         activation(4, 4, kind="swish", info=info)
+
+
+@pytest.mark.parametrize("size,width,transpose", [(40, 40, False), (40, 80, True), (12, 24, False),
+                                                  (384, 384, False), (1536, 1536, True),
+                                                  (64, 128, False)])
+def test_hadamard(size, width, transpose):
+    from qcompile.backends.tvm.kernels.hadamard import hadamard
+    from qcompile.hadamard import base_order, fwht, hadamard_matrix
+    kf, _ = base_order(size)
+    x = torch.randn(3, width)
+    target = TARGETS["host"]
+    args = [x.numpy()] + ([hadamard_matrix(kf).numpy().astype(np.float32)] if kf > 1 else [])
+    out = _run(hadamard(tvm.tirx.Var("m", "int64"), width, size, transpose=transpose,
+                        info=host_cpu(target)), target, *args, out_shape=(3, width))
+    torch.testing.assert_close(out, fwht(x, size, transpose=transpose), rtol=1e-5, atol=1e-5)
