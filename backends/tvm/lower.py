@@ -262,8 +262,9 @@ def lower_graph(graph: Graph, info=None, *, kernels: bool = True, name: str = "m
                 raise BackendError(f"the TVM backend has no lowering for op {node.op!r}",
                                          node=node, hint="run this model on target 'reference', "
                                                          "or report the op")
-            # a linear's constant weight is fetched by its lowering: a kernel takes it packed
-            args = [None if v is None or (node.op == "linear" and i == 1 and graph.is_constant(v))
+            # a linear's / conv's constant weight is fetched by its lowering: kernels pack it
+            args = [None if v is None or (node.op in ("linear", "conv") and i == 1
+                                          and graph.is_constant(v))
                     else L.get(v) for i, v in enumerate(node.inputs)]
             want = get_schema(node.op).inputs
             if not any(i.startswith("*") for i in want):  # absent optional inputs are None

@@ -205,10 +205,63 @@ def _matmul(L, n, a):
     return _R().op.matmul(L.cast(a[0], dt), L.cast(a[1], dt))
 
 
+def _conv_im2col(L, n, a):
+    """A 2-D convolution (groups = 1, constant weight) as im2col + the packed dense kernel:
+    ``cols[(n, oh, ow), (c, kh, kw)]`` gathered with zero padding, ``y = cols·Wᵀ + b``, then
+    back to NCHW. None when it does not apply."""
+    from tvm import te, tirx
+
+    from qcompile.backends.tvm.kernels import dense as K
+    from qcompile.backends.tvm.linear import _const_np, kernel_rows
+    from qcompile.ir.graph import Value
+    from qcompile.ir.types import TensorType, dim_mul
+    xv, wv = n.inputs[0], n.inputs[1]
+    out = _out(n)
+    if not (L.kernels and L.info is not None and wv.type.rank == 4 and n.attrs["groups"] == 1
+            and L.graph.is_constant(wv) and xv.dtype == "float32" and wv.dtype == "float32"
+            and all(isinstance(d, int) for d in xv.type.shape[1:] + out.type.shape[1:])):
+        return None
+    o, c, kh, kw = wv.type.shape
+    _, _, h, wd = xv.type.shape
+    oh, ow = out.type.shape[2], out.type.shape[3]
+    (s0, s1), (p0, p1), (d0, d1) = n.attrs["stride"], n.attrs["padding"], n.attrs["dilation"]
+    kdim = c * kh * kw
+
+    def im2col(x):
+        def body(r, q):
+            bi, pix = tirx.floordiv(r, oh * ow), tirx.floormod(r, oh * ow)
+            y0, x0 = tirx.floordiv(pix, ow), tirx.floormod(pix, ow)
+            ci, kk = tirx.floordiv(q, kh * kw), tirx.floormod(q, kh * kw)
+            iy = y0 * s0 - p0 + tirx.floordiv(kk, kw) * d0
+            ix = x0 * s1 - p1 + tirx.floormod(kk, kw) * d1
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < wd)
+            return tirx.if_then_else(inside, x[bi, ci, tirx.max(tirx.min(iy, h - 1), 0),
+                                                tirx.max(tirx.min(ix, wd - 1), 0)],
+                                     tirx.const(0.0, "float32"))
+        return te.compute((x.shape[0] * (oh * ow), kdim), body, name="im2col")
+    cols = L.emit_te(im2col, a[0], name="im2col")
+    rows = L.prim(xv.type.shape[0]) * (oh * ow)
+    packed = L.add_param(f"{wv.name}.packed",
+                         K.pack_dense_weight(_const_np(L, wv).reshape(o, kdim), L.info))
+    L.consumed.add(wv.name)
+    args = [cols, packed] + ([a[2]] if a[2] is not None else [])
+    func = L.kernel(K.dense, kernel_rows(rows), o, kdim, bias=a[2] is not None, epilogue=None,
+                    residual=False, info=L.info)
+    flat = Value(out.name, TensorType((dim_mul(xv.type.shape[0], oh * ow), o), "float32"))
+    y = L.call_kernel(func, args, flat, "conv_dense")
+    y = L.emit(_R().op.reshape(y, [L.prim(xv.type.shape[0]), oh, ow, o]))
+    L.report["conv.im2col_dense"] = L.report.get("conv.im2col_dense", 0) + 1
+    return _R().op.permute_dims(y, [0, 3, 1, 2])
+
+
 @register_lowering("conv")
 def _conv(L, n, a):
     R = _R()
+    fused = _conv_im2col(L, n, a)
+    if fused is not None:
+        return fused
     x, w, b = a
+    w = w if w is not None else L.get(n.inputs[1])
     nd = len(n.inputs[1].type.shape) - 2
     fn = {1: R.op.nn.conv1d, 2: R.op.nn.conv2d, 3: R.op.nn.conv3d}.get(nd)
     if fn is None:

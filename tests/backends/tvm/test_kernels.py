@@ -109,3 +109,23 @@ def test_hadamard(size, width, transpose):
     out = _run(hadamard(tvm.tirx.Var("m", "int64"), width, size, transpose=transpose,
                         info=host_cpu(target)), target, *args, out_shape=(3, width))
     torch.testing.assert_close(out, fwht(x, size, transpose=transpose), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,k,bias", [
+    ((1, 1), (1, 1), (1, 1), 3, True), ((2, 1), (0, 2), (1, 2), 3, False), ((1, 1), (0, 0), (1, 1), 1, True)])
+def test_conv_as_im2col_dense(stride, padding, dilation, k, bias):
+    from qcompile.backends.tvm import TVMExecutable, build
+    from qcompile.interpreter import Interpreter
+    from qcompile.ir import Graph, TensorType
+    gen = torch.Generator().manual_seed(k)
+    g = Graph("conv")
+    x = g.add_input("x", TensorType(("batch", 5, 9, 11), "float32"))
+    w = g.add_constant("w", torch.randn(7, 5, k, k, generator=gen))
+    b = g.add_constant("b", torch.randn(7, generator=gen)) if bias else None
+    g.outputs = [g.add("conv", x, w, b, stride=list(stride), padding=list(padding),
+                       dilation=list(dilation), groups=1)]
+    ex, params, low = build(g, "cpu")
+    assert low.report == {"conv.im2col_dense": 1}
+    xs = torch.randn(3, 5, 9, 11, generator=gen)
+    out = TVMExecutable(g, "cpu", ex, params)(xs)[0]
+    torch.testing.assert_close(out, Interpreter(g).run(xs)[0], rtol=1e-5, atol=1e-5)
