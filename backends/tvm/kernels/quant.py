@@ -60,13 +60,21 @@ rest, chosen at run time), each chunk computing ``MT × NTs`` accumulator pairs 
 are independent. Batches 1, 2, 4, 8 decode each weight once; 3, 5-7 two or three times (the
 tile is then in L1/L2).
 
-*GEMM* (``m ≥ GEMM_MIN_M``): the weight tile is decoded once per chunk of 8 rows of ``x`` with
-the scale folded in (``w = (t[code] + zc) · s`` — exactly the interpreter's dequantised
-weight), into 8 rows × 2 blocks of accumulators (16 zmm); the tile (128 rows × K codes) stays in
-L1/L2 while the row chunks stream past it; the last chunk re-reads row ``m−1`` for its
-missing rows and stores only the real ones (one micro-kernel instead of four). Both schedules
-reach ~125 GFLOP/s on one core from m = 8 on (~80% of the FMA peak), torch's oneDNN fp32
-level at m ≥ 64.
+*GEMM* (``m ≥ GEMM_MIN_M``; what prefill and encoders measure): ``dense``'s nest and
+micro-kernel (:class:`.dense._Gemm`) on weights decoded per work item. A work item is (row
+chunk, panel of ``nb`` output rows of W; ``nb`` = 64 = 4 blocks with AVX-512); it first decodes
+its panel, ``w = (t[code] + zc) · s`` — exactly the interpreter's dequantised weight — into a
+per-item fp32 scratch ``[K, nb]`` laid out as :func:`.dense.pack_dense_weight` lays out a panel
+(K = 1536: 384 KiB, L2-resident; the ``nb`` floats of one ``k`` are written together, so each
+cache line is written once), then runs the register-blocked micro-kernel over every row of its
+chunk: 6 rows × 4 zmm accumulators, per ``k`` 4 vector loads of the panel, 6 broadcasts of
+``x`` and 24 FMAs, ``m mod 6`` leftover rows in their own micro-kernel. With many rows each
+core owns one chunk of ``x`` (chunk-major items), so it decodes the whole weight once per call:
+~5 uops per 16 weights against 16·(m/cores) FMAs, ~1% at m = 1024. Same speed as ``dense`` on
+the fp32 weight from m ≈ 64 on (MiniLM's GEMMs at m = 1024: 1.00–1.02×, ~320 GFLOP/s on two
+Emerald Rapids cores), ~1.1–1.4× of it for 16 ≤ m < 64 where the decode is not yet amortised.
+The sums are those of the fused GEMM this replaced (the same ``w``, the same FMA chain in
+``k`` order from 0, the bias added last), so the result is bit-identical to it.
 
 ``dequant_matmul`` holds both and branches on ``m`` at run time (:data:`GEMM_MIN_M`);
 ``dequant_gemv`` / ``dequant_gemm`` build one each.
@@ -90,6 +98,8 @@ still passes ``<16 x i32>`` and fails to verify); many sibling buffers make
 from __future__ import annotations
 
 import numpy as np
+
+from .dense import DenseSchedule, _Gemm, dense_schedule
 
 __all__ = ["GEMM_MIN_M", "INT_ARGS", "MX_ARGS", "W8A8_ARGS", "MX_FORMATS",
            "pack_int_weight", "dequant_matmul", "dequant_gemv", "dequant_gemm",
@@ -375,7 +385,7 @@ class _Plan:
 
     def __init__(self, n, k, *, kind, bits, group, asym, info, mx_off=0):
         self.n, self.k, self.kind, self.bits, self.asym = n, k, kind, bits, asym
-        self.mx_off = mx_off
+        self.mx_off, self.info = mx_off, info
         self.nb = -(-n // LANES)
         self.kpw = _KPW[bits]
         if kind != "int":  # MX: blocks of 32, codes padded to whole blocks
@@ -397,10 +407,9 @@ class _Plan:
         self.off = float(1 << (bits - 1))
         regs = 32 if info.avx512 else 16
         vregs = max(1, LANES * 32 // max(info.vector_bits, 128))  # registers per 16-lane vector
-        # GEMV: MT·NTs accumulator pairs; GEMM: MTg × NTg accumulators
+        # GEMV: MT·NTs accumulator pairs
         self.pairs = max(1, (regs // 2) // (2 * vregs))
         self.tile = _tile(self.nb, info)
-        self.mtg, self.ntg = (8, 2) if info.avx512 else (4, 1)
 
     # codes -> centred values (float32x16)
     def table(self):
@@ -484,7 +493,6 @@ class _WeightOnly:
     def __init__(self, plan: _Plan, m, X, Q, S, Z, B, Y, XS):
         self.p, self.m = plan, m
         self.X, self.Q, self.S, self.Z, self.B, self.Y, self.XS = X, Q, S, Z, B, Y, XS
-        self.mlimit = None  # rows >= mlimit are clamped (read row m-1, not stored)
 
     def _zc(self, b, gi):
         """What turns a group's values into ``v − z``: the stored centred zero point
@@ -494,10 +502,6 @@ class _WeightOnly:
             return _bc(_c(-p.off, "float32")) if p.raw else None
         zc = self.Z[b, gi, _R()]
         return zc - _bc(_c(p.off, "float32")) if p.raw else zc
-
-    def _row(self, r):
-        tirx = _tv()[1]
-        return r if self.mlimit is None else tirx.min(r, self.mlimit - _i64(1))
 
     # walk the codes of one group: fn(kw_expr, slot, k_expr) for every code in it
     def _walk_group(self, gi, ncodes, fn):
@@ -532,15 +536,6 @@ class _WeightOnly:
 
     def _store(self, mrow, b, acc):
         """``y[mrow, 16b : 16b+16] = acc (+ bias)``, the last block partial when 16 ∤ n."""
-        T = _tv()[3]
-        if self.mlimit is not None:
-            with T.If(mrow < self.mlimit):
-                with T.Then():
-                    self._store_now(mrow, b, acc)
-            return
-        self._store_now(mrow, b, acc)
-
-    def _store_now(self, mrow, b, acc):
         T = _tv()[3]
         tirx = _tv()[1]
         n = self.p.n
@@ -614,72 +609,89 @@ class _WeightOnly:
             for j, b in enumerate(bl):
                 self._store(m0 + _i64(mt), b, acc[mt][j])
 
-    def gemm_body(self, MT, m0, b0, count):
-        _subtiles(b0, count, self.p.ntg, lambda bl: self._gemm_blocks(MT, m0, bl))
-
-    def _gemm_blocks(self, MT, m0, bl):
+    def gemm(self):
+        """The GEMM schedule: ``dense``'s nest (:class:`~.dense._Gemm`: row chunks × weight
+        panels, 6 × 4-vector register-blocked micro-kernel) with each work item's panel first
+        decoded into an fp32 scratch laid out as ``pack_dense_weight`` lays out a panel."""
         T = _tv()[3]
         p = self.p
-        zero = _bc(_c(0.0, "float32"))
-        acc = [[_vec("float32") for _ in bl] for _ in range(MT)]
-        for row in acc:
-            for a in row:
-                _set(a, zero)
-        for g0, cnt, ncodes in p.segments():
-            def group(gi):
-                sv, zv = [], []
-                for b in bl:  # the group's scales (and zero points) in registers
-                    s = _vec("float32")
-                    _set(s, p.scale(self.S, b, gi))
-                    sv.append(s)
-                    zc = self._zc(b, gi)
-                    if zc is not None:
-                        z = _vec("float32")
-                        _set(z, zc)
-                        zv.append(z)
-                cache = {}
+        s = _panel_schedule(p.n, p.k, p.info)
 
-                def step(wd, i, kk):
-                    ws = []
-                    for j, b in enumerate(bl):
-                        v = p.value(self.Q, b, wd, i, cache)
-                        if zv:
-                            v = v + _get(zv[j])
-                        ws.append(v * _get(sv[j]))
-                    for mt in range(MT):
-                        xb = _bc(self.X[self._row(m0 + _i64(mt)), kk])
-                        for j in range(len(bl)):
-                            _set(acc[mt][j], _get(acc[mt][j]) + xb * ws[j])
-                self._walk_group(gi, ncodes, step)
-            if cnt == 1:
-                group(_i64(g0))
-            else:
-                with T.serial(_i64(g0), _i64(g0 + cnt)) as gi:
-                    group(gi)
-        for mt in range(MT):
-            for j, b in enumerate(bl):
-                self._store(m0 + _i64(mt), b, acc[mt][j])
+        def prepare(_, jt):
+            P = T.alloc_buffer((_i64(p.k * s.nb),), "float32", scope="global")
+            self._decode_panel(P, jt, s.nb)
+            return lambda jt_, kk, c: P[kk * _i64(s.nb) + c]
 
-    def nest(self, body, top, m, clamp=False):
-        """Parallel over tiles of blocks; inside, ``m`` in chunks of ``top`` rows, the rest in
-        chunks of ``top/2, …, 1`` rows (chosen at run time when ``m`` is symbolic) — or, with
-        ``clamp``, in chunks of ``top`` only, the last one reading row ``m−1`` for the rows
-        past ``m`` and storing only the real ones (the GEMM: one micro-kernel)."""
+        def finish(_, i, j, v):
+            if self.B is not None:
+                v = v + self.B[j]
+            T.buffer_store(self.Y, v, [i, j])
+
+        # w_padded=False: the last panel of an n that is no multiple of nb computes only its
+        # real columns, so the micro-kernel never reads the blocks the decode skips there
+        _Gemm(s, self.m, p.n, p.k, x=lambda _, i, kk: self.X[i, kk], w=None, finish=finish,
+              prepare=prepare, w_padded=False).emit()
+
+    def _decode_panel(self, P, jt, nb: int):
+        """``P[k·nb + 16j + l] = w[16(jt·nb/16 + j) + l, k]``, ``w = (t[code] + zc)·s``: the
+        blocks of panel ``jt``, group by group (the group's scales and zero points in
+        registers), the ``nb`` floats of one ``k`` stored together (each cache line of the
+        scratch is written once, whole). Blocks past the last one (in the last panel, when
+        ``nb`` does not divide the padded n) are left out."""
         T = _tv()[3]
         tirx = _tv()[1]
+        p = self.p
+        nbk = nb // LANES
+        nt = -(-p.n // nb)
+        last = p.nb - (nt - 1) * nbk  # blocks in the last panel
+
+        def blocks(count):
+            bl = [jt * _i64(nbk) + _i64(j) for j in range(count)]
+            for g0, cnt, ncodes in p.segments():
+                def group(gi):
+                    sv, zv = [], []
+                    for b in bl:
+                        sv.append(_vec("float32"))
+                        _set(sv[-1], p.scale(self.S, b, gi))
+                        zc = self._zc(b, gi)
+                        if zc is not None:
+                            zv.append(_vec("float32"))
+                            _set(zv[-1], zc)
+                    cache = {}
+
+                    def step(wd, i, kk):
+                        for j, b in enumerate(bl):
+                            v = p.value(self.Q, b, wd, i, cache)
+                            if zv:
+                                v = v + _get(zv[j])
+                            T.buffer_store(P, v * _get(sv[j]), [tirx.Ramp(
+                                kk * _i64(nb) + _i64(j * LANES), _i64(1), LANES)])
+                    self._walk_group(gi, ncodes, step)
+                if cnt == 1:
+                    group(_i64(g0))
+                else:
+                    with T.serial(_i64(g0), _i64(g0 + cnt)) as gi:
+                        group(gi)
+
+        if last == nbk:
+            blocks(nbk)
+            return
+        with T.If(jt < _i64(nt - 1)):
+            with T.Then():
+                blocks(nbk)
+            with T.Else():
+                blocks(last)
+
+    def nest(self, body, top, m):
+        """Parallel over tiles of blocks; inside, ``m`` in chunks of ``top`` rows, the rest in
+        chunks of ``top/2, …, 1`` rows (chosen at run time when ``m`` is symbolic)."""
+        T = _tv()[3]
         p = self.p
         tile = min(p.tile, p.nb)
         ntiles, rem = divmod(p.nb, tile)
 
         def rows(b0, count):
-            if not clamp:
-                _msplit(m, top, lambda mt, m0: body(mt, m0, b0, count))
-                return
-            nch = tirx.floordiv(_i64(m) + _i64(top - 1), _i64(top))
-            with T.serial(_i64(0), nch) as c:
-                self.mlimit = _i64(m)
-                body(top, c * _i64(top), b0, count)
-                self.mlimit = None
+            _msplit(m, top, lambda mt, m0: body(mt, m0, b0, count))
 
         with T.parallel(_i64(0), _i64(ntiles + (1 if rem else 0))) as t:
             if not rem:
@@ -690,6 +702,19 @@ class _WeightOnly:
                         rows(t * _i64(tile), tile)
                     with T.Else():
                         rows(_i64(ntiles * tile), rem)
+
+
+def _panel_schedule(n: int, k: int, info) -> DenseSchedule:
+    """``dense``'s blocking (:func:`~.dense.dense_schedule`) with the panel a whole number of
+    16-row blocks wide: ``nb`` = 16, 32, 48 or 64 with AVX-512; 16 with AVX2 and 128-bit SIMD,
+    whose rule would otherwise give 8 for a narrow ``n``."""
+    s = dense_schedule(n, k, info)
+    if s.nb % LANES == 0:
+        return s
+    nv = -(-s.nb // LANES) * LANES // s.lanes
+    regs = 32 if info.avx512 else 16
+    return DenseSchedule(lanes=s.lanes, nv=nv, mr=max(1, min(8, (regs - nv - 2) // nv)),
+                         chunks=s.chunks, min_chunk_tiles=s.min_chunk_tiles)
 
 
 def _subtiles(b0, count: int, nts: int, fn):
@@ -810,13 +835,14 @@ def _weight_only(name, m, n, k, plan: _Plan, mode: str, bias: bool, zeros: bool)
         if plan.bits in (2, 4):  # the same words as bytes (the loads at byte offsets)
             plan.QB = T.decl_buffer((_i64(plan.nb * (plan.kw + 1) * 4 * LANES),), "uint8",
                                     data=Q.data)
-        XS = None
-        if zeros or plan.raw:
-            XS = T.alloc_buffer((_i64(m), _i64(plan.ng)), "float32", scope="global")
-            _group_sums(plan, m, X, XS)
-        em = _WeightOnly(plan, m, X, Q, S, Z, B, Y, XS)
-        gemv = lambda: em.nest(em.gemv_body, 8, m)  # noqa: E731
-        gemm = lambda: em.nest(em.gemm_body, plan.mtg, m, clamp=True)  # noqa: E731
+        em = _WeightOnly(plan, m, X, Q, S, Z, B, Y, None)
+
+        def gemv():
+            if zeros or plan.raw:  # the group sums of x, for the GEMV's zero-point term
+                em.XS = T.alloc_buffer((_i64(m), _i64(plan.ng)), "float32", scope="global")
+                _group_sums(plan, m, X, em.XS)
+            em.nest(em.gemv_body, 8, m)
+        gemm = em.gemm
         if mode == "gemv":
             gemv()
         elif mode == "gemm":

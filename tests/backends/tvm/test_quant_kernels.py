@@ -1,7 +1,9 @@
 """The quantized linear kernels of the cpu target (``backends/tvm/kernels/quant.py``) against
 the formats' own fake quantization: weight-only integer (2/3/4/8 bits, symmetric and
 asymmetric, groups and per channel), MX (MXFP4, MXINT8) and W8A8 (bit-exact int32 sums), with a
-symbolic row count, on the host CPU and on an AVX2 (haswell) build."""
+symbolic row count, on the host CPU and on an AVX2 (haswell) build. The weight-only GEMM path
+(m >= GEMM_MIN_M) is checked bit for bit: it is the fp32 FMA chain, in k order, over the
+fake-quant weight, then + bias."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +16,9 @@ from qcompile import formats as F  # noqa: E402
 from qcompile.backends.tvm.kernels import quant as Q  # noqa: E402
 from qcompile.backends.tvm.target import CpuInfo, cpu_target, host_cpu  # noqa: E402
 
-MS = (1, 4, 8, 16, 33)  # GEMV chunks 1, 4, 8; GEMM 16 and 33 (a partial chunk)
+# GEMV chunks 1, 4, 8; GEMM 16, 33 (one row chunk, a 3-row leftover tile), 1024 (MiniLM's
+# batch 8 x seq 128: a chunk per core) and 1029 (chunks of 516 and 513 rows, leftovers)
+MS = (1, 4, 8, 16, 33, 1024, 1029)
 HOST = cpu_target()
 AVX2 = cpu_target("haswell")
 
@@ -39,6 +43,31 @@ def _close(y, ref, tol=1e-5):
     in another order differ by ~1e-7 of that)."""
     err = float((y.double() - ref.double()).abs().max() / ref.double().abs().max())
     assert err <= tol, f"max error {err:.2e} > {tol:g} of max |ref|"
+
+
+def _fma_chain(x, w, bias=None):
+    """``y[i, j] = fma(x[i, K-1], w[j, K-1], … fma(x[i, 0], w[j, 0], 0)) (+ bias[j])`` in fp32,
+    each FMA emulated exactly: the fp64 product of two floats is exact, the fp64 sum is rounded
+    to odd (TwoSum tells whether it was exact), and from there the rounding to fp32 is correct."""
+    x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    acc = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    for kk in range(x.shape[1]):
+        a = acc.astype(np.float64)
+        p = x64[:, kk, None] * w64[None, :, kk]
+        s = a + p
+        bb = s - a
+        e = (a - (s - bb)) + (p - bb)
+        fix = (e != 0) & ((s.view(np.int64) & 1) == 0)
+        s[fix] = np.nextafter(s[fix], np.where(e[fix] > 0, np.inf, -np.inf))
+        acc = s.astype(np.float32)
+    return torch.from_numpy(acc if bias is None else acc + np.asarray(bias, np.float32))
+
+
+def _exact(y, x, wdq, bias=None):
+    ref = _fma_chain(x, wdq, bias)
+    bad = int((y != ref).sum())
+    assert bad == 0, f"{bad} of {ref.numel()} outputs differ from the fp32 FMA chain"
 
 
 def _sym_m():
@@ -90,10 +119,18 @@ def test_int_dequant_matmul(name, bits, group, n, k, bias):
     wdq = fmt.fake_quant(w)
     b = torch.randn(n, generator=torch.Generator().manual_seed(5))
     consts = [pk[a] for a in Q.INT_ARGS if a in pk] + ([b.numpy()] if bias else [])
+    first = (name, bits, group, n, k, bias) == INT_CASES[0]
     for m in MS:
         x = _acts(m, k)
         ref = x @ wdq.T + (b if bias else 0)
-        _close(_run(ex, [x.numpy(), *consts], (m, n)), ref)
+        y = _run(ex, [x.numpy(), *consts], (m, n))
+        _close(y, ref)
+        # the GEMM bit for bit; at 1029 rows (the emulation is slow) for the first case only,
+        # on the columns from 60: the last of the first 64-column panel and the partial last one
+        if m == 33:
+            _exact(y, x, wdq, b if bias else None)
+        elif m == 1029 and first:
+            _exact(y[:, 60:], x, wdq[60:], b[60:] if bias else None)
 
 
 def test_gemv_and_gemm_alone_are_correct_for_any_m():
@@ -108,8 +145,10 @@ def test_gemv_and_gemm_alone_are_correct_for_any_m():
         ex = _build(builder(_sym_m(), n, k, bits=4, group=64, asym=True, info=_info(HOST)), HOST)
         for m in (3, 17):
             x = _acts(m, k)
-            _close(_run(ex, [x.numpy(), pk["qweight"], pk["scales"], pk["zeros"]], (m, n)),
-                   x @ wdq.T)
+            y = _run(ex, [x.numpy(), pk["qweight"], pk["scales"], pk["zeros"]], (m, n))
+            _close(y, x @ wdq.T)
+            if builder is Q.dequant_gemm:
+                _exact(y, x, wdq)
 
 
 def test_static_m():
@@ -118,11 +157,15 @@ def test_static_m():
     w = _weights(n, k)
     qt = fmt.quantize(w)
     pk = Q.pack_int_weight(qt.codes, qt.params["scale"], None, 4)
-    for m in (2, 19):
+    wdq = fmt.fake_quant(w)
+    for m in (2, 19, 1029):
         ex = _build(Q.dequant_matmul(m, n, k, bits=4, group=32, asym=False, info=_info(HOST)),
                     HOST)
         x = _acts(m, k)
-        _close(_run(ex, [x.numpy(), pk["qweight"], pk["scales"]], (m, n)), x @ fmt.fake_quant(w).T)
+        y = _run(ex, [x.numpy(), pk["qweight"], pk["scales"]], (m, n))
+        _close(y, x @ wdq.T)
+        if m >= Q.GEMM_MIN_M:
+            _exact(y, x, wdq)
 
 
 AVX2_CASES = [("uint4", 4, 32), ("int4", 4, None), ("int3", 3, 32), ("uint2", 2, 128)]
@@ -145,9 +188,13 @@ def test_int_avx2_build(name, bits, group):
                                  info=info), AVX2)
     b = torch.randn(n)
     consts = [pk[a] for a in Q.INT_ARGS if a in pk] + [b.numpy()]
-    for m in (1, 5, 16):
+    wdq = fmt.fake_quant(w)
+    for m in (1, 5, 16, 1029):
         x = _acts(m, k)
-        _close(_run(ex, [x.numpy(), *consts], (m, n)), x @ fmt.fake_quant(w).T + b)
+        y = _run(ex, [x.numpy(), *consts], (m, n))
+        _close(y, x @ wdq.T + b)
+        if m == 16:  # the GEMM, 16-float panels (one block)
+            _exact(y, x, wdq, b)
 
 
 def test_pack_int_layout():
@@ -187,8 +234,10 @@ def test_mx_dequant_matmul(fmt_name):
     b = torch.randn(n)
     for m in MS:
         x = _acts(m, k)
-        _close(_run(ex, [x.numpy(), pk["qweight"], pk["scales"], b.numpy()], (m, n)),
-               x @ wdq.T + b)
+        y = _run(ex, [x.numpy(), pk["qweight"], pk["scales"], b.numpy()], (m, n))
+        _close(y, x @ wdq.T + b)
+        if m == 33:
+            _exact(y, x, wdq, b)
     # the E8M0 NaN scale makes its rows NaN, as the format decodes it
     s = pk["scales"].copy()
     s[0, 2, 5] = 255  # row 5, block 2
@@ -203,7 +252,7 @@ def test_mxfp4_avx2_build():
     qt = fmt.quantize(w)
     pk = Q.pack_mx_weight(qt.codes, qt.params["scale"], "mxfp4")
     ex = _build(Q.mx_dequant_matmul(_sym_m(), n, k, fmt="mxfp4", info=_info(AVX2)), AVX2)
-    for m in (1, 16):
+    for m in (1, 16, 1029):
         x = _acts(m, k)
         _close(_run(ex, [x.numpy(), pk["qweight"], pk["scales"]], (m, n)), x @ fmt.fake_quant(w).T)
 
