@@ -423,8 +423,11 @@ def _shufb_tile(c: KernelConfig, mt: int) -> str:
             a("      {")
             if wide:
                 for nm in ("e", "o"):
-                    a(f"        const __m512i {nm}l = _mm512_cvtepi16_epi32(_mm512_castsi512_si256({nm}{t}_{r}));")
-                    a(f"        const __m512i {nm}h = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64({nm}{t}_{r}, 1));")
+                    v = f"{nm}{t}_{r}"
+                    a(f"        const __m512i {nm}l = _mm512_cvtepi16_epi32("
+                      f"_mm512_castsi512_si256({v}));")
+                    a(f"        const __m512i {nm}h = _mm512_cvtepi16_epi32("
+                      f"_mm512_extracti64x4_epi64({v}, 1));")
                     a(f"        const __m512i {nm}s = _mm512_add_epi32({nm}l, {nm}h);")
                     a(f"        const __m256i {nm}8 = _mm256_add_epi32(_mm512_castsi512_si256({nm}s), "
                       f"_mm512_extracti64x4_epi64({nm}s, 1));")
@@ -446,7 +449,8 @@ def _shufb_tile(c: KernelConfig, mt: int) -> str:
                     a(f"          __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps({nm}8), _mm256_set1_ps(tsv));")
                     a(f"          y{t}_{r}_{h} = _mm256_add_ps(y{t}_{r}_{h}, _mm256_mul_ps(f, s));")
                     if c.mode == "sym":
-                        a(f"          y{t}_{r}_{h} = _mm256_add_ps(y{t}_{r}_{h}, _mm256_mul_ps(s, _mm256_set1_ps(xv)));")
+                        a(f"          y{t}_{r}_{h} = _mm256_add_ps(y{t}_{r}_{h}, "
+                          "_mm256_mul_ps(s, _mm256_set1_ps(xv)));")
                     elif c.mode == "asym":
                         a(f"          y{t}_{r}_{h} = _mm256_add_ps(y{t}_{r}_{h}, _mm256_mul_ps("
                           f"_mm256_loadu_ps(sc + {r * c.ns * 16 + 16 + 8 * h}), _mm256_set1_ps(xv)));")
