@@ -7,6 +7,7 @@ from qcompile.passes import quantize_activations as _quantize_activations  # noq
 from qcompile.passes import quantize_weights as _quantize_weights  # noqa: F401
 from qcompile.passes import rotate as _rotate  # noqa: F401
 from qcompile.passes import smoothquant as _smoothquant  # noqa: F401
+from qcompile.passes import sparsify as _sparsify  # noqa: F401
 from qcompile.passes.manager import PassManager, all_passes, get_pass, register_pass, run_passes
 
 __all__ = ["PassManager", "register_pass", "get_pass", "all_passes", "run_passes"]

@@ -41,6 +41,7 @@ class ChannelStats:
     max: float = -math.inf
     absmax: torch.Tensor | None = None
     abssum: torch.Tensor | None = None
+    sqsum: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     sample: torch.Tensor | None = None
     _gen: torch.Generator | None = field(default=None, repr=False)
@@ -52,9 +53,11 @@ class ChannelStats:
         if self.absmax is None:
             self.absmax = torch.zeros(self.channels, dtype=torch.float64)
             self.abssum = torch.zeros(self.channels, dtype=torch.float64)
+            self.sqsum = torch.zeros(self.channels, dtype=torch.float64)
         if x.shape[0]:
             self.absmax = torch.maximum(self.absmax, a.amax(0))
             self.abssum += a.sum(0)
+            self.sqsum += (a * a).sum(0)
             self.min = min(self.min, float(x64.min()))
             self.max = max(self.max, float(x64.max()))
         if self.want_xtx:
@@ -86,6 +89,11 @@ class ChannelStats:
     @property
     def absmean(self) -> torch.Tensor:
         return self.abssum / max(self.rows, 1)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """Each channel's L2 norm over all rows seen, ``‖X_j‖₂`` (Wanda's activation term)."""
+        return self.sqsum.sqrt()
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 XᵀX / N`` (float64)."""

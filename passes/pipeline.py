@@ -1,7 +1,7 @@
 """The quantization pipeline a ``QuantConfig`` asks for, as a pass list:
 
     [fold_norms → (calibrate) → rotate] → [calibrate → smoothquant] → calibrate
-        → quantize_weights → quantize_activations
+        → [sparsify] → quantize_weights → quantize_activations
 
 (steps a config does not need are left out). ``compile()`` runs it between capture and
 lowering; each pass is timed, verified (under tests or ``QCOMPILE_VERIFY=1``) and dumped
@@ -26,11 +26,17 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
     algos = {cfg.algorithm} | {ov.get("algorithm") for ov in cfg.overrides.values()
                                if isinstance(ov, dict) and ov.get("algorithm")}
     static_acts = cfg.activations is not None and cfg.activation_granularity == "per_tensor"
-    stats = bool(algos & {"gptq", "awq"}) or static_acts
+    sparse = cfg.sparsity or any(isinstance(ov, dict) and ov.get("sparsity")
+                                 for ov in cfg.overrides.values())
+    methods = {cfg.sparsity_method} | {ov.get("sparsity_method") for ov in cfg.overrides.values()
+                                       if isinstance(ov, dict) and ov.get("sparsity_method")}
+    wanda = bool(sparse) and "wanda" in methods
+    stats = bool(algos & {"gptq", "awq"}) or static_acts or (bool(sparse) and data is not None
+                                                             and bool(methods & {"wanda", "2:4"}))
     pca = cfg.rotation == "pca"
-    if (cfg.smoothquant is not None or stats or pca) and data is None:
+    if (cfg.smoothquant is not None or stats or pca or wanda) and data is None:
         raise ConfigError("this QuantConfig needs calibration data (smoothquant, gptq, awq, "
-                          "static activations or rotation='pca')",
+                          "static activations, rotation='pca' or sparsity_method='wanda')",
                           hint="pass calibration=[inputs, ...] to compile()")
     names, opts = [], {}
     opts["calibrate"] = {"data": data, "max_samples": cfg.calibration_size, "seed": cfg.seed,
@@ -50,6 +56,9 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
         high = cfg.resq_options()
         ov = {"weights": high["weights"], "group_size": None, "activations": high["activations"]}
         cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, f"*.{HIGH_SUFFIX}": ov})
+    if sparse:
+        names.append("sparsify")
+        opts["sparsify"] = {"config": cfg}
     names += ["quantize_weights", "quantize_activations"]
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}

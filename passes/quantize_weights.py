@@ -59,6 +59,7 @@ def annotate_weight(graph: Graph, lin: Node, qt: QuantizedTensor) -> None:
     spec = QuantSpec(fmt.name, fmt.granularity, axis=None if qt.axis is None else 1,
                      group_size=fmt.group_size, options=tuple(sorted(opts.items())), **params)
     lin.inputs[1] = graph.add_constant(old.name, qt.dequantize(dtype), quant=spec)
+    lin.inputs[1].sparsity = old.sparsity
 
 
 def _layer_names(lin: Node) -> tuple[str, str]:
@@ -106,11 +107,22 @@ def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True
         else:
             algo = "rtn"  # also AWQ layers whose input has no foldable producer
             qt = rtn(w, fmt, clip_search=config.rtn_clip_search)
+        if lin.inputs[1].sparsity is not None:
+            qt = _keep_zeros(qt, w == 0)
         annotate_weight(graph, lin, qt)
         report[lin.name] = f"{algo} {fmt}"
     graph.meta["quantize_weights"] = report
     graph.remove_dead()
     return graph
+
+
+def _keep_zeros(qt: QuantizedTensor, zero: torch.Tensor) -> QuantizedTensor:
+    """``qt`` with the pruned weights (``zero``) re-encoded as exact zeros under the same
+    parameters: GPTQ's and AWQ's updates move them, the sparse kernels need them zero."""
+    w = qt.dequantize(torch.float32)
+    if not bool((w[zero] != 0).any()):
+        return qt
+    return qt.format.quantize(torch.where(zero, torch.zeros(()), w), -1, params=qt.params)
 
 
 def _check_fits(graph: Graph, lin: Node, fmt) -> None:

@@ -18,14 +18,31 @@ from typing import Any, Mapping
 
 from qcompile.errors import ConfigError
 
-__all__ = ["QuantConfig", "LayerConfig", "ALGORITHMS", "ROTATIONS"]
+__all__ = ["QuantConfig", "LayerConfig", "ALGORITHMS", "ROTATIONS", "SPARSITY_METHODS"]
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 ROTATIONS = (None, "hadamard", "random", "pca")
 ACT_GRANULARITIES = ("per_token", "per_tensor")
 RESQ_DEFAULTS = {"fraction": 0.125, "weights": "int8", "activations": "int8"}
 _LAYER_FIELDS = ("weights", "group_size", "weight_options", "activations",
-                 "activation_granularity", "algorithm")
+                 "activation_granularity", "algorithm", "sparsity", "sparsity_method")
+SPARSITY_METHODS = ("wanda", "magnitude", "2:4")
+
+
+def _check_sparsity(lc, where: str) -> None:
+    at = f" (layer {where})" if where else ""
+    if lc.sparsity_method not in SPARSITY_METHODS:
+        raise ConfigError(f"unknown sparsity_method {lc.sparsity_method!r}{at}",
+                          hint=f"use one of {', '.join(SPARSITY_METHODS)}")
+    if lc.sparsity is None:
+        return
+    if isinstance(lc.sparsity, bool) or not isinstance(lc.sparsity, (int, float)) \
+            or not 0 <= float(lc.sparsity) < 1:
+        raise ConfigError(f"sparsity must be a fraction in [0, 1){at}, got {lc.sparsity!r}")
+    if lc.sparsity_method == "2:4" and float(lc.sparsity) not in (0.0, 0.5):
+        raise ConfigError(f"sparsity_method '2:4' prunes exactly half the weights{at}; got "
+                          f"sparsity={lc.sparsity}", hint="set sparsity=0.5, or use 'wanda' / "
+                          "'magnitude' for other ratios")
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,8 @@ class LayerConfig:
     activations: str | None
     activation_granularity: str
     algorithm: str
+    sparsity: float | None = None
+    sparsity_method: str = "wanda"
 
     def weight_format(self):
         """The ``qcompile.formats`` format of this layer's weights (None: stays float)."""
@@ -82,6 +101,10 @@ class QuantConfig:
       ``weights`` and ``activations`` formats (``"int8"`` both); ``smoothquant``:
       None or α in [0, 1]; ``smoothquant_alpha_overrides``: per-layer α by pattern.
     - ``kv_cache``: a format for attention's K and V, or None.
+    - ``sparsity``: None, or the fraction of each linear's weights to prune (0 ≤ s < 1)
+      before quantization; ``sparsity_method``: ``"wanda"`` (|W|·‖X‖ per output row, from
+      calibration), ``"magnitude"`` (|W| over the layer) or ``"2:4"`` (two of every four
+      consecutive weights, Wanda's score where calibration data is given; sparsity 0.5).
     - ``calibration_size``: how many calibration samples are used at most.
     """
 
@@ -99,6 +122,8 @@ class QuantConfig:
     smoothquant: float | None = None
     smoothquant_alpha_overrides: Mapping[str, float] = field(default_factory=dict)
     kv_cache: str | None = None
+    sparsity: float | None = None
+    sparsity_method: str = "wanda"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     calibration_size: int = 128
     seed: int = 0
@@ -161,6 +186,7 @@ class QuantConfig:
                     return None
                 d.update(ov)
         lc = LayerConfig(**d)
+        _check_sparsity(lc, names[0] if names else "")
         lc.weight_format()
         lc.activation_format()
         if lc.algorithm not in ALGORITHMS:

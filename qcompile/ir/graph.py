@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from qcompile.ir.quant import QuantSpec
+from qcompile.ir.sparsity import SparsitySpec
 from qcompile.ir.types import TensorType
 
 __all__ = ["Provenance", "Value", "Node", "Graph"]
@@ -43,14 +44,15 @@ class Provenance:
 class Value:
     """An SSA value: a graph input, a constant, or a node output."""
 
-    __slots__ = ("name", "type", "producer", "quant")
+    __slots__ = ("name", "type", "producer", "quant", "sparsity")
 
     def __init__(self, name: str, type: TensorType, producer: "Node | None" = None,
-                 quant: QuantSpec | None = None):
+                 quant: QuantSpec | None = None, sparsity: "SparsitySpec | None" = None):
         self.name = name
         self.type = type
         self.producer = producer
         self.quant = quant
+        self.sparsity = sparsity  # constants a pruning pass made sparse
 
     @property
     def shape(self) -> tuple:
@@ -238,7 +240,7 @@ class Graph:
             vmap[id(v)] = nv
         for name, t in self.constants.items():
             v = self._const_values[name]
-            nv = Value(name, v.type, quant=v.quant)
+            nv = Value(name, v.type, quant=v.quant, sparsity=v.sparsity)
             g.constants[name] = t
             g._const_values[name] = nv
             vmap[id(v)] = nv

@@ -19,7 +19,8 @@ def format_attrs(attrs: dict) -> str:
 
 def _val(v) -> str:
     q = f" ~{v.quant}" if v.quant is not None else ""
-    return f"%{v.name}: {v.type}{q}"
+    sp = f" {v.sparsity}" if getattr(v, "sparsity", None) is not None else ""
+    return f"%{v.name}: {v.type}{q}{sp}"
 
 
 def print_graph(graph, *, provenance: bool = True) -> str:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from qcompile.errors import ArtifactError
 from qcompile.ir.graph import Graph, Node, Provenance, Value
 from qcompile.ir.quant import QuantSpec
+from qcompile.ir.sparsity import SparsitySpec
 from qcompile.ir.types import TensorType
 
 __all__ = ["graph_to_json", "graph_from_json", "save_graph", "load_graph", "FORMAT_VERSION"]
@@ -22,6 +23,8 @@ def _value_json(v: Value) -> dict:
     d = {"name": v.name, "type": v.type.to_json()}
     if v.quant is not None:
         d["quant"] = v.quant.to_json()
+    if getattr(v, "sparsity", None) is not None:
+        d["sparsity"] = v.sparsity.to_json()
     return d
 
 
@@ -48,7 +51,8 @@ def graph_from_json(d: dict, tensors: dict[str, torch.Tensor]) -> Graph:
 
     def mk(vd, producer=None):
         q = QuantSpec.from_json(vd["quant"]) if "quant" in vd else None
-        v = Value(vd["name"], TensorType.from_json(vd["type"]), producer, q)
+        sp = SparsitySpec.from_json(vd["sparsity"]) if "sparsity" in vd else None
+        v = Value(vd["name"], TensorType.from_json(vd["type"]), producer, q, sp)
         g._names.add(v.name)
         env[v.name] = v
         return v

@@ -57,9 +57,27 @@ def verify(graph) -> None:
                     raise VerificationError(f"quantization of %{v.name} refers to missing "
                                             f"constant %{c}")
             _check_quant_params(graph, v)
+        if v.sparsity is not None:
+            _check_sparsity(graph, v)
     for v in graph.outputs:
         if id(v) not in defined:
             raise VerificationError(f"graph output %{v.name} is not defined in the graph")
+
+
+def _check_sparsity(graph, v) -> None:
+    """A sparse constant has at least the zeros its annotation claims (quantization may add
+    more: small weights that round to zero)."""
+    if v.name not in graph.constants:
+        raise VerificationError(f"%{v.name} carries a sparsity annotation ({v.sparsity}) but is "
+                                "not a constant")
+    t = graph.constants[v.name]
+    if v.sparsity.numel != t.numel():
+        raise VerificationError(f"sparsity of %{v.name} counts {v.sparsity.numel} elements, the "
+                                f"constant has {t.numel()}")
+    zeros = int((t == 0).sum())
+    if zeros < v.sparsity.zeros:
+        raise VerificationError(f"%{v.name} is annotated {v.sparsity} ({v.sparsity.zeros} zeros) "
+                                f"but has only {zeros} zeros")
 
 
 def _check_quant_params(graph, v) -> None:
