@@ -1,0 +1,446 @@
+// qcompile sparse/dense linear kernels in the SparAMX layout (backends/amx/format.py):
+//   (1) AVX-512 sparse GEMV/GEMM: bf16 rows expanded with vpexpandw and multiplied by
+//       vdpbf16ps; int8 rows expanded with vpexpandb and multiplied by vpdpbusd on activations
+//       offset by +128 (corrected by 128·Σw per output);
+//   (2) the same kernels on the dense layout (plain loads);
+//   (3) AMX kernels (tileloadd, tdpbf16ps, tdpbssd; 2×2 accumulator blocking: tiles 0–3 hold
+//       C, 4–5 A, 6–7 B) written once against QC_TILE_* macros, instantiated twice: on the
+//       hardware tiles, and on a C emulation of the tile registers that follows the Intel SDM
+//       (configuration checks, zero fill, int32 wraparound, bf16 DAZ/FTZ/RNE), so the very same
+//       kernel source runs where AMX is missing.
+// A runtime gate (CPUID, then arch_prctl(ARCH_REQ_XCOMP_PERM)) decides whether the hardware
+// tiles may be used; callers fall back to AVX-512 when it says no. Nothing here exits.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <cpuid.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QC_EXPORT extern "C" __attribute__((visibility("default")))
+#define QC_AVX512 __attribute__((target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,avx512vnni,avx512vpopcntdq")))
+#define QC_AMX __attribute__((target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,avx512vnni,avx512vpopcntdq," \
+    "amx-tile,amx-int8,amx-bf16")))
+
+// ---------------------------------------------------------------------------------------
+// activations
+
+// float32 -> bf16, round to nearest even (what ml_dtypes does; no flush of subnormals)
+static inline uint16_t qc_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float qc_f32(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// x[m][k] -> xb[m][kp] bf16 bits, zero padded
+QC_EXPORT void qc_sp_prep_bf16(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* xb) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) xb[i * kp + j] = qc_bf16(x[i * k + j]);
+    for (int64_t j = k; j < kp; ++j) xb[i * kp + j] = 0;
+  }
+}
+
+// per-token symmetric int8 (scale = amax/127, round half to even, clamp [-128, 127]): the
+// interpreter's fake quantization of an int8 per_token activation
+QC_EXPORT void qc_sp_prep_int8(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* xq,
+                               float* sx) {
+  for (int64_t i = 0; i < m; ++i) {
+    float a = 0.0f;
+    for (int64_t j = 0; j < k; ++j) a = fmaxf(a, fabsf(x[i * k + j]));
+    const float s = a / 127.0f;
+    sx[i] = s;
+    for (int64_t j = 0; j < k; ++j) {
+      float q = s > 0.0f ? nearbyintf(x[i * k + j] / s) : 0.0f;
+      q = q > 127.0f ? 127.0f : (q < -128.0f ? -128.0f : q);
+      xq[i * kp + j] = (int8_t)q;
+    }
+    for (int64_t j = k; j < kp; ++j) xq[i * kp + j] = 0;
+  }
+}
+
+static inline void qc_store16(float* y, int64_t n, int64_t col0, __m512 v, const float* bias)
+    QC_AVX512;
+static inline void qc_store16(float* y, int64_t n, int64_t col0, __m512 v, const float* bias) {
+  const int64_t left = n - col0;
+  const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + col0));
+  _mm512_mask_storeu_ps(y + col0, mk, v);
+}
+
+// ---------------------------------------------------------------------------------------
+// (1)+(2) AVX-512 kernels over column tiles j0..j1, all m rows (MT at a time)
+
+#define QC_MT 8
+
+template <bool SPARSE>
+QC_AVX512 static void qc_bf16_avx512(const uint16_t* xb, int64_t m, int64_t kp,
+                                     const uint32_t* masks, const uint16_t* vals,
+                                     const int64_t* offs, const float* bias, float* y,
+                                     int64_t n, int64_t j0, int64_t j1) {
+  const int64_t rows = kp / 2;
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t m0 = 0; m0 < m; m0 += QC_MT) {
+      const int mt = (int)(m - m0 < QC_MT ? m - m0 : QC_MT);
+      __m512 acc[QC_MT];
+      for (int t = 0; t < QC_MT; ++t) acc[t] = _mm512_setzero_ps();
+      const uint16_t* v = vals + offs[j];
+      const uint32_t* mk = masks ? masks + j * rows : 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        __m512i w;
+        if (SPARSE) {
+          const uint32_t bits = mk[r];
+          w = _mm512_maskz_expandloadu_epi16((__mmask32)bits, v);
+          v += __builtin_popcount(bits);
+        } else {
+          w = _mm512_loadu_si512((const void*)v);
+          v += 32;
+        }
+        for (int t = 0; t < mt; ++t) {
+          uint32_t pair;
+          memcpy(&pair, xb + (m0 + t) * kp + 2 * r, 4);
+          acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)w);
+        }
+      }
+      for (int t = 0; t < mt; ++t) qc_store16(y + (m0 + t) * n, n, 16 * j, acc[t], bias);
+    }
+  }
+}
+
+template <bool SPARSE>
+QC_AVX512 static void qc_int8_avx512(const int8_t* xq, const float* sx, int64_t m, int64_t kp,
+                                     const uint64_t* masks, const int8_t* vals,
+                                     const int64_t* offs, const int32_t* colsum,
+                                     const float* sw, const float* bias, float* y, int64_t n,
+                                     int64_t j0, int64_t j1) {
+  const int64_t rows = kp / 4;
+  const __m512i off = _mm512_set1_epi32(128);
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * j)), off);
+    const __m512 s = _mm512_loadu_ps(sw + 16 * j);
+    for (int64_t m0 = 0; m0 < m; m0 += QC_MT) {
+      const int mt = (int)(m - m0 < QC_MT ? m - m0 : QC_MT);
+      __m512i acc[QC_MT];
+      for (int t = 0; t < QC_MT; ++t) acc[t] = _mm512_setzero_si512();
+      const int8_t* v = vals + offs[j];
+      const uint64_t* mk = masks ? masks + j * rows : 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        __m512i w;
+        if (SPARSE) {
+          const uint64_t bits = mk[r];
+          w = _mm512_maskz_expandloadu_epi8((__mmask64)bits, v);
+          v += __builtin_popcountll(bits);
+        } else {
+          w = _mm512_loadu_si512((const void*)v);
+          v += 64;
+        }
+        for (int t = 0; t < mt; ++t) {
+          uint32_t quad;
+          memcpy(&quad, xq + (m0 + t) * kp + 4 * r, 4);
+          quad ^= 0x80808080u;  // s8 -> u8 + 128
+          acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32((int)quad), w);
+        }
+      }
+      for (int t = 0; t < mt; ++t) {
+        const __m512i yi = _mm512_sub_epi32(acc[t], cs);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(yi), _mm512_set1_ps(sx[m0 + t]));
+        f = _mm512_mul_ps(f, s);
+        qc_store16(y + (m0 + t) * n, n, 16 * j, f, bias);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// (3) AMX: hardware tiles and the emulation, behind one set of macros
+
+struct QcTileConfig {  // the 64-byte operand of ldtilecfg (SDM vol. 1, figure 20-1)
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The emulation: a thread's tile state, following the SDM's pseudo-code for LDTILECFG,
+// TILELOADD, TILESTORED, TILEZERO, TDPBF16PS and TDPBSSD.
+struct QcEmuState {
+  int configured;
+  uint8_t rows[8];
+  uint16_t colsb[8];
+  alignas(64) uint8_t t[8][16 * 64];
+  int err;  // first error: 1 bad config, 2 unconfigured tile, 3 shape mismatch
+};
+static thread_local QcEmuState qc_emu;
+
+static inline float qc_daz(float f) { return fpclassify(f) == FP_SUBNORMAL ? copysignf(0.0f, f) : f; }
+
+static void qc_emu_fail(int code) {
+  if (!qc_emu.err) qc_emu.err = code;
+}
+static void qc_emu_config(const QcTileConfig* c) {
+  memset(&qc_emu, 0, sizeof(qc_emu) - sizeof(int));
+  if (c->palette_id != 1) { qc_emu_fail(1); return; }
+  for (int i = 0; i < 8; ++i) {
+    if (c->rows[i] > 16 || c->colsb[i] > 64 || (c->rows[i] == 0) != (c->colsb[i] == 0)) {
+      qc_emu_fail(1);
+      return;
+    }
+    qc_emu.rows[i] = c->rows[i];
+    qc_emu.colsb[i] = c->colsb[i];
+  }
+  qc_emu.configured = 1;
+}
+static bool qc_emu_ok(int T) {
+  if (!qc_emu.configured || T < 0 || T > 7 || qc_emu.rows[T] == 0) { qc_emu_fail(2); return false; }
+  return true;
+}
+static void qc_emu_zero(int T) {
+  if (qc_emu_ok(T)) memset(qc_emu.t[T], 0, sizeof(qc_emu.t[T]));
+}
+static void qc_emu_load(int T, const void* p, int64_t stride) {
+  if (!qc_emu_ok(T)) return;
+  const uint8_t* b = (const uint8_t*)p;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 64; ++c)  // rows and bytes past the configured shape read as zero
+      qc_emu.t[T][r * 64 + c] = (r < qc_emu.rows[T] && c < qc_emu.colsb[T]) ? b[r * stride + c] : 0;
+}
+static void qc_emu_store(int T, void* p, int64_t stride) {
+  if (!qc_emu_ok(T)) return;
+  for (int r = 0; r < qc_emu.rows[T]; ++r)
+    memcpy((uint8_t*)p + r * stride, qc_emu.t[T] + r * 64, qc_emu.colsb[T]);
+}
+static bool qc_emu_shapes(int C, int A, int B) {
+  if (!qc_emu_ok(C) || !qc_emu_ok(A) || !qc_emu_ok(B)) return false;
+  if (qc_emu.rows[A] != qc_emu.rows[C] || qc_emu.colsb[A] / 4 != qc_emu.rows[B] ||
+      qc_emu.colsb[B] != qc_emu.colsb[C] || qc_emu.colsb[C] % 4 || qc_emu.colsb[A] % 4) {
+    qc_emu_fail(3);
+    return false;
+  }
+  return true;
+}
+// TDPBF16PS: per output, the even then the odd bf16 product added in fp32 (a product of two
+// bf16 is exact in fp32), inputs DAZ, results FTZ, round to nearest even
+static void qc_emu_dpbf16ps(int C, int A, int B) {
+  if (!qc_emu_shapes(C, A, B)) return;
+  const int M = qc_emu.rows[C], K = qc_emu.colsb[A] / 4, N = qc_emu.colsb[C] / 4;
+  float* c = (float*)qc_emu.t[C];
+  const uint16_t* a = (const uint16_t*)qc_emu.t[A];
+  const uint16_t* b = (const uint16_t*)qc_emu.t[B];
+  for (int mm = 0; mm < M; ++mm)
+    for (int k = 0; k < K; ++k)
+      for (int nn = 0; nn < N; ++nn) {
+        float acc = c[mm * 16 + nn];
+        for (int h = 0; h < 2; ++h) {
+          const float p = qc_daz(qc_f32(a[mm * 32 + 2 * k + h])) * qc_daz(qc_f32(b[k * 32 + 2 * nn + h]));
+          acc = qc_daz(acc + p);  // FTZ
+        }
+        c[mm * 16 + nn] = acc;
+      }
+}
+// TDPBSSD: signed x signed bytes, four products per int32, wrapping
+static void qc_emu_dpbssd(int C, int A, int B) {
+  if (!qc_emu_shapes(C, A, B)) return;
+  const int M = qc_emu.rows[C], K = qc_emu.colsb[A] / 4, N = qc_emu.colsb[C] / 4;
+  uint32_t* c = (uint32_t*)qc_emu.t[C];
+  const int8_t* a = (const int8_t*)qc_emu.t[A];
+  const int8_t* b = (const int8_t*)qc_emu.t[B];
+  for (int mm = 0; mm < M; ++mm)
+    for (int k = 0; k < K; ++k)
+      for (int nn = 0; nn < N; ++nn) {
+        uint32_t acc = c[mm * 16 + nn];
+        for (int h = 0; h < 4; ++h)
+          acc += (uint32_t)((int32_t)a[mm * 64 + 4 * k + h] * (int32_t)b[k * 64 + 4 * nn + h]);
+        c[mm * 16 + nn] = acc;
+      }
+}
+static void qc_emu_release(void) { qc_emu.configured = 0; }
+static int qc_emu_error(void) { int e = qc_emu.err; qc_emu.err = 0; return e; }
+
+// the kernel source, instantiated on the hardware tiles and on the emulation
+#define QC_TILE_CONFIG(cfg) _tile_loadconfig(cfg)
+#define QC_TILE_ZERO(t) _tile_zero(t)
+#define QC_TILE_LOAD(t, p, s) _tile_loadd(t, p, s)
+#define QC_TILE_STORE(t, p, s) _tile_stored(t, p, s)
+#define QC_TILE_DPBF16PS(c, a, b) _tile_dpbf16ps(c, a, b)
+#define QC_TILE_DPBSSD(c, a, b) _tile_dpbssd(c, a, b)
+#define QC_TILE_RELEASE() _tile_release()
+#define QC_TILE_ERROR() 0
+#define QC_AMX_KERNEL qc_amx_kernel_hw
+#define QC_AMX_TARGET QC_AMX
+#include "amx_kernel.inc"
+#undef QC_TILE_CONFIG
+#undef QC_TILE_ZERO
+#undef QC_TILE_LOAD
+#undef QC_TILE_STORE
+#undef QC_TILE_DPBF16PS
+#undef QC_TILE_DPBSSD
+#undef QC_TILE_RELEASE
+#undef QC_TILE_ERROR
+#undef QC_AMX_KERNEL
+#undef QC_AMX_TARGET
+#define QC_TILE_CONFIG(cfg) qc_emu_config(cfg)
+#define QC_TILE_ZERO(t) qc_emu_zero(t)
+#define QC_TILE_LOAD(t, p, s) qc_emu_load(t, p, s)
+#define QC_TILE_STORE(t, p, s) qc_emu_store(t, p, s)
+#define QC_TILE_DPBF16PS(c, a, b) qc_emu_dpbf16ps(c, a, b)
+#define QC_TILE_DPBSSD(c, a, b) qc_emu_dpbssd(c, a, b)
+#define QC_TILE_RELEASE() qc_emu_release()
+#define QC_TILE_ERROR() qc_emu_error()
+#define QC_AMX_KERNEL qc_amx_kernel_emu
+#define QC_AMX_TARGET QC_AVX512
+#include "amx_kernel.inc"
+
+// The emulation's own checks, for the tests: 0..3 expect the error they provoke (1 bad
+// configuration, 2 unconfigured tile, 3 mismatched shapes); 4 checks the zero fill of a load
+// past the configured shape, 5 the int32 wraparound of TDPBSSD (1 = as the SDM says).
+QC_EXPORT int qc_amx_emu_check(int which) {
+  QcTileConfig c;
+  memset(&c, 0, sizeof(c));
+  c.palette_id = 1;
+  alignas(64) uint8_t buf[16 * 64];
+  memset(buf, 0xff, sizeof(buf));
+  qc_emu_error();
+  switch (which) {
+    case 0: c.palette_id = 0; qc_emu_config(&c); break;
+    case 1: c.rows[0] = 17; c.colsb[0] = 64; qc_emu_config(&c); break;
+    case 2: c.rows[0] = 4; c.colsb[0] = 64; qc_emu_config(&c); qc_emu_load(3, buf, 64); break;
+    case 3:
+      for (int t = 0; t < 3; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+      c.rows[2] = 8;  // B has 8 rows, A's 64 bytes need 16
+      qc_emu_config(&c); qc_emu_dpbssd(0, 1, 2); break;
+    case 4: {
+      c.rows[0] = 2; c.colsb[0] = 8; qc_emu_config(&c); qc_emu_load(0, buf, 64);
+      int ok = 1;
+      for (int r = 0; r < 16; ++r)
+        for (int b = 0; b < 64; ++b)
+          ok &= qc_emu.t[0][r * 64 + b] == ((r < 2 && b < 8) ? 0xff : 0);
+      qc_emu_release();
+      return ok;
+    }
+    case 5: {
+      for (int t = 0; t < 3; ++t) { c.rows[t] = 1; c.colsb[t] = 4; }
+      c.rows[2] = 1;
+      qc_emu_config(&c);
+      alignas(64) int32_t cv[16] = {2147483600};
+      alignas(64) int8_t av[64], bv[64];
+      memset(av, -128, sizeof(av)); memset(bv, -128, sizeof(bv));  // 4 · 16384 = 65536
+      qc_emu_load(0, cv, 64); qc_emu_load(1, av, 64); qc_emu_load(2, bv, 64);
+      qc_emu_dpbssd(0, 1, 2);
+      int32_t out;
+      memcpy(&out, qc_emu.t[0], 4);
+      qc_emu_release();
+      return out == (int32_t)(2147483600u + 65536u);
+    }
+  }
+  qc_emu_release();
+  return qc_emu_error();
+}
+
+// ---------------------------------------------------------------------------------------
+// the runtime gate
+
+QC_EXPORT int qc_amx_available(void) {
+  static int v = -1;
+  if (v >= 0) return v;
+  const char* no = getenv("QCOMPILE_NO_AMX");
+  if (no && *no && *no != '0') return v = 0;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return v = 0;
+  const unsigned need = (1u << 24) | (1u << 25) | (1u << 22);  // AMX-TILE, AMX-INT8, AMX-BF16
+  if ((d & need) != need) return v = 0;
+  // Linux >= 5.16: ask for the tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return v = 0;
+  return v = 1;
+}
+
+QC_EXPORT int qc_sp_has_avx512(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+}
+
+// ---------------------------------------------------------------------------------------
+// entry points: kind 0 = AVX-512, 1 = AMX (hardware), 2 = AMX (emulated); tiles j0..j1
+
+QC_EXPORT int qc_sp_bf16_run(int kind, int sparse, const uint16_t* xb, int64_t m, int64_t kp,
+                             const uint32_t* masks, const uint16_t* vals, const int64_t* offs,
+                             const float* bias, float* y, int64_t n, int64_t j0, int64_t j1) {
+  if (kind == 0) {
+    if (sparse) qc_bf16_avx512<true>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
+    else qc_bf16_avx512<false>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
+    return 0;
+  }
+  if (kind == 1) {
+    if (!qc_amx_available()) return -10;
+    return sparse ? qc_amx_kernel_hw<true, false>(xb, 0, m, kp, masks, vals, offs, 0, 0, bias, y, n, j0, j1)
+                  : qc_amx_kernel_hw<false, false>(xb, 0, m, kp, masks, vals, offs, 0, 0, bias, y, n, j0, j1);
+  }
+  return sparse ? qc_amx_kernel_emu<true, false>(xb, 0, m, kp, masks, vals, offs, 0, 0, bias, y, n, j0, j1)
+                : qc_amx_kernel_emu<false, false>(xb, 0, m, kp, masks, vals, offs, 0, 0, bias, y, n, j0, j1);
+}
+
+QC_EXPORT int qc_sp_int8_run(int kind, int sparse, const int8_t* xq, const float* sx, int64_t m,
+                             int64_t kp, const uint64_t* masks, const int8_t* vals,
+                             const int64_t* offs, const int32_t* colsum, const float* sw,
+                             const float* bias, float* y, int64_t n, int64_t j0, int64_t j1) {
+  if (kind == 0) {
+    if (sparse) qc_int8_avx512<true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
+    else qc_int8_avx512<false>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
+    return 0;
+  }
+  if (kind == 1) {
+    if (!qc_amx_available()) return -10;
+    return sparse ? qc_amx_kernel_hw<true, true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1)
+                  : qc_amx_kernel_hw<false, true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
+  }
+  return sparse ? qc_amx_kernel_emu<true, true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1)
+                : qc_amx_kernel_emu<false, true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
+}
+
+// standalone (ctypes): prepare activations, then OpenMP over column tiles
+QC_EXPORT int qc_sp_matmul(int kind, int sparse, int int8, const float* x, int64_t m, int64_t k,
+                           int64_t kp, const void* masks, const void* vals, const int64_t* offs,
+                           const int32_t* colsum, const float* sw, const float* bias, float* y,
+                           int64_t n, int nthreads) {
+  const int64_t tiles = (n + 15) / 16;
+  void* xa = aligned_alloc(64, (size_t)((m * kp * (int8 ? 1 : 2) + 63) / 64 * 64 + 64));
+  float* sx = (float*)malloc(sizeof(float) * (size_t)(m + 1));
+  if (!xa || !sx) { free(xa); free(sx); return -20; }
+  if (int8) qc_sp_prep_int8(x, m, k, kp, (int8_t*)xa, sx);
+  else qc_sp_prep_bf16(x, m, k, kp, (uint16_t*)xa);
+  if (nthreads <= 0) nthreads = 1;
+  // AMX pairs column tiles: split on even boundaries
+  const int64_t units = kind == 0 ? tiles : (tiles + 1) / 2;
+  if (nthreads > units) nthreads = (int)(units > 0 ? units : 1);
+  int rc = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(min : rc)
+  for (int t = 0; t < nthreads; ++t) {
+    int64_t a = units * t / nthreads, b = units * (t + 1) / nthreads;
+    if (kind != 0) { a *= 2; b = b * 2 > tiles ? tiles : b * 2; }
+    int r = int8 ? qc_sp_int8_run(kind, sparse, (const int8_t*)xa, sx, m, kp, (const uint64_t*)masks,
+                                  (const int8_t*)vals, offs, colsum, sw, bias, y, n, a, b)
+                 : qc_sp_bf16_run(kind, sparse, (const uint16_t*)xa, m, kp, (const uint32_t*)masks,
+                                  (const uint16_t*)vals, offs, bias, y, n, a, b);
+    rc = r < rc ? r : rc;
+  }
+  free(xa);
+  free(sx);
+  return rc;
+}
