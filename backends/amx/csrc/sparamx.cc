@@ -86,38 +86,131 @@ static inline void qc_store16(float* y, int64_t n, int64_t col0, __m512 v, const
 // ---------------------------------------------------------------------------------------
 // (1)+(2) AVX-512 kernels over column tiles j0..j1, all m rows (MT at a time)
 
-#define QC_MT 8
+// JT column tiles × MT rows per pass: JT·MT independent accumulator chains (the latency of
+// vdpbf16ps / vpdpbusd is hidden), each column tile's mask and value stream read once per pass
+template <bool SPARSE, int JT, int MT>
+QC_AVX512 static inline void qc_bf16_block(const uint16_t* xb, int64_t kp, int64_t m0,
+                                           const uint32_t* masks, const uint16_t* vals,
+                                           const int64_t* offs, const float* bias, float* y,
+                                           int64_t n, int64_t j) {
+  const int64_t rows = kp / 2;
+  __m512 acc[JT][MT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) acc[a][t] = _mm512_setzero_ps();
+  const uint16_t* v[JT];
+  const uint32_t* mk[JT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a) {
+    v[a] = vals + offs[j + a];
+    mk[a] = masks ? masks + (j + a) * rows : 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i xp[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      uint32_t pair;
+      memcpy(&pair, xb + (m0 + t) * kp + 2 * r, 4);
+      xp[t] = _mm512_set1_epi32((int)pair);
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < JT; ++a) {
+      __m512i w;
+      if (SPARSE) {
+        const uint32_t bits = mk[a][r];
+        w = _mm512_maskz_expandloadu_epi16((__mmask32)bits, v[a]);
+        v[a] += __builtin_popcount(bits);
+      } else {
+        w = _mm512_loadu_si512((const void*)v[a]);
+        v[a] += 32;
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t)
+        acc[a][t] = _mm512_dpbf16_ps(acc[a][t], (__m512bh)xp[t], (__m512bh)w);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) qc_store16(y + (m0 + t) * n, n, 16 * (j + a), acc[a][t], bias);
+}
 
 template <bool SPARSE>
 QC_AVX512 static void qc_bf16_avx512(const uint16_t* xb, int64_t m, int64_t kp,
                                      const uint32_t* masks, const uint16_t* vals,
                                      const int64_t* offs, const float* bias, float* y,
                                      int64_t n, int64_t j0, int64_t j1) {
-  const int64_t rows = kp / 2;
-  for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t m0 = 0; m0 < m; m0 += QC_MT) {
-      const int mt = (int)(m - m0 < QC_MT ? m - m0 : QC_MT);
-      __m512 acc[QC_MT];
-      for (int t = 0; t < QC_MT; ++t) acc[t] = _mm512_setzero_ps();
-      const uint16_t* v = vals + offs[j];
-      const uint32_t* mk = masks ? masks + j * rows : 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        __m512i w;
-        if (SPARSE) {
-          const uint32_t bits = mk[r];
-          w = _mm512_maskz_expandloadu_epi16((__mmask32)bits, v);
-          v += __builtin_popcount(bits);
-        } else {
-          w = _mm512_loadu_si512((const void*)v);
-          v += 32;
-        }
-        for (int t = 0; t < mt; ++t) {
-          uint32_t pair;
-          memcpy(&pair, xb + (m0 + t) * kp + 2 * r, 4);
-          acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)w);
-        }
+  for (int64_t j = j0; j < j1;) {
+    const bool four = j + 4 <= j1;
+    for (int64_t m0 = 0; m0 < m;) {
+      if (m - m0 >= 4) {
+        if (four) qc_bf16_block<SPARSE, 4, 4>(xb, kp, m0, masks, vals, offs, bias, y, n, j);
+        else qc_bf16_block<SPARSE, 1, 4>(xb, kp, m0, masks, vals, offs, bias, y, n, j);
+        m0 += 4;
+      } else {
+        if (four) qc_bf16_block<SPARSE, 4, 1>(xb, kp, m0, masks, vals, offs, bias, y, n, j);
+        else qc_bf16_block<SPARSE, 1, 1>(xb, kp, m0, masks, vals, offs, bias, y, n, j);
+        m0 += 1;
       }
-      for (int t = 0; t < mt; ++t) qc_store16(y + (m0 + t) * n, n, 16 * j, acc[t], bias);
+    }
+    j += four ? 4 : 1;
+  }
+}
+
+template <bool SPARSE, int JT, int MT>
+QC_AVX512 static inline void qc_int8_block(const int8_t* xq, const float* sx, int64_t kp,
+                                           int64_t m0, const uint64_t* masks, const int8_t* vals,
+                                           const int64_t* offs, const int32_t* colsum,
+                                           const float* sw, const float* bias, float* y,
+                                           int64_t n, int64_t j) {
+  const int64_t rows = kp / 4;
+  __m512i acc[JT][MT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) acc[a][t] = _mm512_setzero_si512();
+  const int8_t* v[JT];
+  const uint64_t* mk[JT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a) {
+    v[a] = vals + offs[j + a];
+    mk[a] = masks ? masks + (j + a) * rows : 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i xp[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      uint32_t quad;
+      memcpy(&quad, xq + (m0 + t) * kp + 4 * r, 4);
+      xp[t] = _mm512_set1_epi32((int)(quad ^ 0x80808080u));  // s8 -> u8 + 128
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < JT; ++a) {
+      __m512i w;
+      if (SPARSE) {
+        const uint64_t bits = mk[a][r];
+        w = _mm512_maskz_expandloadu_epi8((__mmask64)bits, v[a]);
+        v[a] += __builtin_popcountll(bits);
+      } else {
+        w = _mm512_loadu_si512((const void*)v[a]);
+        v[a] += 64;
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], xp[t], w);
+    }
+  }
+  const __m512i off = _mm512_set1_epi32(128);
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a) {
+    const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * (j + a))), off);
+    const __m512 s = _mm512_loadu_ps(sw + 16 * (j + a));
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      const __m512i yi = _mm512_sub_epi32(acc[a][t], cs);
+      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(yi), _mm512_set1_ps(sx[m0 + t]));
+      f = _mm512_mul_ps(f, s);
+      qc_store16(y + (m0 + t) * n, n, 16 * (j + a), f, bias);
     }
   }
 }
@@ -128,41 +221,20 @@ QC_AVX512 static void qc_int8_avx512(const int8_t* xq, const float* sx, int64_t 
                                      const int64_t* offs, const int32_t* colsum,
                                      const float* sw, const float* bias, float* y, int64_t n,
                                      int64_t j0, int64_t j1) {
-  const int64_t rows = kp / 4;
-  const __m512i off = _mm512_set1_epi32(128);
-  for (int64_t j = j0; j < j1; ++j) {
-    const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(colsum + 16 * j)), off);
-    const __m512 s = _mm512_loadu_ps(sw + 16 * j);
-    for (int64_t m0 = 0; m0 < m; m0 += QC_MT) {
-      const int mt = (int)(m - m0 < QC_MT ? m - m0 : QC_MT);
-      __m512i acc[QC_MT];
-      for (int t = 0; t < QC_MT; ++t) acc[t] = _mm512_setzero_si512();
-      const int8_t* v = vals + offs[j];
-      const uint64_t* mk = masks ? masks + j * rows : 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        __m512i w;
-        if (SPARSE) {
-          const uint64_t bits = mk[r];
-          w = _mm512_maskz_expandloadu_epi8((__mmask64)bits, v);
-          v += __builtin_popcountll(bits);
-        } else {
-          w = _mm512_loadu_si512((const void*)v);
-          v += 64;
-        }
-        for (int t = 0; t < mt; ++t) {
-          uint32_t quad;
-          memcpy(&quad, xq + (m0 + t) * kp + 4 * r, 4);
-          quad ^= 0x80808080u;  // s8 -> u8 + 128
-          acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32((int)quad), w);
-        }
-      }
-      for (int t = 0; t < mt; ++t) {
-        const __m512i yi = _mm512_sub_epi32(acc[t], cs);
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(yi), _mm512_set1_ps(sx[m0 + t]));
-        f = _mm512_mul_ps(f, s);
-        qc_store16(y + (m0 + t) * n, n, 16 * j, f, bias);
+  for (int64_t j = j0; j < j1;) {
+    const bool four = j + 4 <= j1;
+    for (int64_t m0 = 0; m0 < m;) {
+      if (m - m0 >= 4) {
+        if (four) qc_int8_block<SPARSE, 4, 4>(xq, sx, kp, m0, masks, vals, offs, colsum, sw, bias, y, n, j);
+        else qc_int8_block<SPARSE, 1, 4>(xq, sx, kp, m0, masks, vals, offs, colsum, sw, bias, y, n, j);
+        m0 += 4;
+      } else {
+        if (four) qc_int8_block<SPARSE, 4, 1>(xq, sx, kp, m0, masks, vals, offs, colsum, sw, bias, y, n, j);
+        else qc_int8_block<SPARSE, 1, 1>(xq, sx, kp, m0, masks, vals, offs, colsum, sw, bias, y, n, j);
+        m0 += 1;
       }
     }
+    j += four ? 4 : 1;
   }
 }
 
