@@ -517,9 +517,11 @@ QC_EXPORT int {c.name}_matmul(const float* x, const uint8_t* w, const float* sc,
   qc_lut_precompute(x, m, k, kp, {c.group}, tq, tsh, xs);
   if (nthreads <= 0) nthreads = 1;
   if (nthreads > tiles) nthreads = (int)tiles;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < nthreads; ++t) {{
-    int64_t a = tiles * t / nthreads, b = tiles * (t + 1) / nthreads;
+  /* chunks handed out dynamically: a thread that starts late (a busy core) takes fewer */
+  const int64_t chunks = tiles < 4 * (int64_t)nthreads ? tiles : 4 * (int64_t)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {{
+    int64_t a = tiles * ch / chunks, b = tiles * (ch + 1) / chunks;
     {c.name}_run(w, sc, bias, tq, tsh, xs, y, m, n, kp, a, b);
   }}
   free(tq); free(tsh);

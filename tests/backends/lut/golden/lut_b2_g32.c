@@ -279,9 +279,11 @@ QC_EXPORT int qc_lut_vpermb_b2_g32_sym_r1_m1_u1_matmul(const float* x, const uin
   qc_lut_precompute(x, m, k, kp, 32, tq, tsh, xs);
   if (nthreads <= 0) nthreads = 1;
   if (nthreads > tiles) nthreads = (int)tiles;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < nthreads; ++t) {
-    int64_t a = tiles * t / nthreads, b = tiles * (t + 1) / nthreads;
+  /* chunks handed out dynamically: a thread that starts late (a busy core) takes fewer */
+  const int64_t chunks = tiles < 4 * (int64_t)nthreads ? tiles : 4 * (int64_t)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    int64_t a = tiles * ch / chunks, b = tiles * (ch + 1) / chunks;
     qc_lut_vpermb_b2_g32_sym_r1_m1_u1_run(w, sc, bias, tq, tsh, xs, y, m, n, kp, a, b);
   }
   free(tq); free(tsh);
@@ -410,9 +412,11 @@ QC_EXPORT int qc_lut_shufb256_b2_g32_sym_r1_m1_u1_matmul(const float* x, const u
   qc_lut_precompute(x, m, k, kp, 32, tq, tsh, xs);
   if (nthreads <= 0) nthreads = 1;
   if (nthreads > tiles) nthreads = (int)tiles;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < nthreads; ++t) {
-    int64_t a = tiles * t / nthreads, b = tiles * (t + 1) / nthreads;
+  /* chunks handed out dynamically: a thread that starts late (a busy core) takes fewer */
+  const int64_t chunks = tiles < 4 * (int64_t)nthreads ? tiles : 4 * (int64_t)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    int64_t a = tiles * ch / chunks, b = tiles * (ch + 1) / chunks;
     qc_lut_shufb256_b2_g32_sym_r1_m1_u1_run(w, sc, bias, tq, tsh, xs, y, m, n, kp, a, b);
   }
   free(tq); free(tsh);
@@ -436,9 +440,11 @@ QC_EXPORT int qc_lut_c_b2_g32_sym_r1_m1_u1_matmul(const float* x, const uint8_t*
   qc_lut_precompute(x, m, k, kp, 32, tq, tsh, xs);
   if (nthreads <= 0) nthreads = 1;
   if (nthreads > tiles) nthreads = (int)tiles;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t t = 0; t < nthreads; ++t) {
-    int64_t a = tiles * t / nthreads, b = tiles * (t + 1) / nthreads;
+  /* chunks handed out dynamically: a thread that starts late (a busy core) takes fewer */
+  const int64_t chunks = tiles < 4 * (int64_t)nthreads ? tiles : 4 * (int64_t)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    int64_t a = tiles * ch / chunks, b = tiles * (ch + 1) / chunks;
     qc_lut_c_b2_g32_sym_r1_m1_u1_run(w, sc, bias, tq, tsh, xs, y, m, n, kp, a, b);
   }
   free(tq); free(tsh);
