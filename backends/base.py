@@ -22,6 +22,8 @@ class Backend:
     targets: tuple[str, ...] = ()
     #: packages whose version an artifact must match (besides qcompile and torch)
     versioned: tuple[str, ...] = ()
+    #: targets whose ``lower`` takes ``tune_trials`` (a search measured on this machine)
+    tunable: tuple[str, ...] = ()
 
     def supports(self, node: Node) -> bool:
         """Whether this backend can run ``node``."""

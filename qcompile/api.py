@@ -60,9 +60,24 @@ def capture(model, example_inputs=None, *, dynamic_shapes=None, method: str = "a
     return graph
 
 
+def _check_tune_trials(tune_trials, target: str, backend) -> None:
+    if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
+        raise ConfigError(f"tune_trials must be a non-negative integer, got {tune_trials!r}",
+                          hint="0 (the default) builds without tuning")
+    if tune_trials and target not in backend.tunable:
+        from qcompile.backends import all_targets, get_backend
+        tunable = [t for t in all_targets() if t in get_backend(t).tunable]
+        raise ConfigError(f"target {target!r} cannot be tuned",
+                          hint=f"tunable targets: {', '.join(tunable) or 'none'}; or pass "
+                               "tune_trials=0")
+
+
 def compile(model, target: Any = "reference", *, example_inputs=None, config=None,
-            calibration=None, dynamic_shapes=None) -> CompiledModel:
-    """Capture ``model``, run the pipeline for ``config`` and lower it for ``target``."""
+            calibration=None, dynamic_shapes=None, tune_trials: int = 0) -> CompiledModel:
+    """Capture ``model``, run the pipeline for ``config`` and lower it for ``target``.
+    ``tune_trials`` > 0 tunes the build with that many measured trials per workload, for
+    targets that support it (``cpu``: MetaSchedule; records are cached per shape, so a
+    rebuild with the same shapes does not search again)."""
     from qcompile.backends import get_backend
     if isinstance(target, (list, tuple)):
         if len(target) != 1:
@@ -72,6 +87,7 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
     backend = get_backend(target)  # an unknown target fails before any work
     from qcompile.config import QuantConfig
     config = QuantConfig.coerce(config)  # a bad config fails before any work too
+    _check_tune_trials(tune_trials, target, backend)
     if calibration is not None and config is None:
         raise ConfigError("calibration data was given without a quantization config",
                           hint="pass config=QuantConfig(...) or drop calibration=")
@@ -88,6 +104,7 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
         timings["quantize_s"] = time.perf_counter() - t0
         timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
     t0 = time.perf_counter()
-    executable = backend.lower(graph, target)
+    executable = (backend.lower(graph, target, tune_trials=tune_trials) if tune_trials
+                  else backend.lower(graph, target))
     timings["lower_s"] = time.perf_counter() - t0
     return CompiledModel(graph, target, executable, config=config, timings=timings)

@@ -86,7 +86,8 @@ def cmd_build(a) -> int:
     t0 = time.perf_counter()
     names = list(inputs) if isinstance(inputs, dict) else None
     cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn,
-                          config=a.config, calibration=_calibration(a.calibration, names))
+                          config=a.config, calibration=_calibration(a.calibration, names),
+                          tune_trials=a.tune_trials)
     out = cm.save(a.output)
     print(f"built {a.model} for {a.target} in {time.perf_counter() - t0:.2f}s -> {out}")
     return 0
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a QuantConfig TOML file (weights, activations, algorithm, ...)")
     s.add_argument("--calibration", help="an .npz of calibration samples: one array per input, "
                                          "samples along the first axis")
+    s.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="tune with N measured trials per workload (target cpu: MetaSchedule, "
+                        "records cached per shape in ~/.cache/qcompile); 0, the default, "
+                        "does not tune")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("run", help="run a built artifact on .npy inputs")
     s.add_argument("artifact", help="directory written by `qcompile build`")

@@ -64,6 +64,17 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "ArtifactError" in capsys.readouterr().err
 
 
+def test_tune_trials_are_checked_before_any_work(tmp_path, capsys):
+    """``--tune-trials`` reaches compile(); tuning itself is tested in the TVM backend's tests."""
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(tmp_path / "a"),
+                 "--tune-trials", "-1"]) == 2
+    assert "tune_trials must be a non-negative integer" in capsys.readouterr().err
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(tmp_path / "a"),
+                 "--tune-trials", "8"]) == 2  # the default target, reference, has no tuning
+    assert "target 'reference' cannot be tuned" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "qcompile", "--help"], capture_output=True,
                          text=True, check=True).stdout
