@@ -58,10 +58,16 @@ def build(graph: Graph, target: str = "cpu", *, kernels: bool = True):
         with tgt:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        ex = tvm.compile(mod, target=tgt)
     else:
+        from qcompile.backends.tvm._shape_func import stable_shape_funcs
         from qcompile.backends.tvm.schedule import schedule_cpu_module
         mod = schedule_cpu_module(mod, tgt, info)
-    ex = tvm.compile(mod, target=tgt)
+        # tvm.compile's pipeline for CPU targets, then shape functions in a fixed order (so
+        # two builds give the same model.so)
+        pipeline = tvm.transform.Sequential([relax.get_pipeline("default"),
+                                             stable_shape_funcs()])
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     return ex, params, L
 
 
