@@ -39,14 +39,15 @@ def _tvm_target(target: str):
     return t, host_cpu(t)
 
 
-def build(graph: Graph, target: str = "cpu", *, kernels: bool = True):
-    """(relax executable, params, lowering) of ``graph`` for ``target``."""
+def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hook=None):
+    """(relax executable, params, lowering) of ``graph`` for ``target``; ``linear_hook``
+    lowers linears before the built-in kernels do (:attr:`.lower.Lowering.linear_hook`)."""
     tvm = require_tvm()
     from tvm import relax
 
     from qcompile.backends.tvm.lower import lower_graph
     tgt, info = _tvm_target(target)
-    mod, params, L = lower_graph(graph, info, kernels=kernels)
+    mod, params, L = lower_graph(graph, info, kernels=kernels, linear_hook=linear_hook)
     with tgt:
         mod = tvm.transform.Sequential([
             relax.transform.DeadCodeElimination(),  # e.g. fake quantization a kernel replaced

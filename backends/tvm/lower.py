@@ -53,6 +53,10 @@ class Lowering:
     graph: Graph
     info: Any = None  # CpuInfo for the cpu target, None for cuda
     kernels: bool = True  # use the hand-scheduled kernels where they apply
+    #: tried before the quantized kernels on a linear with a constant annotated weight:
+    #: ``hook(L, node, x, bias, k, n)`` -> Relax expression, or None to go on as usual
+    #: (target ``lut`` puts low-bit linears on its kernels this way)
+    linear_hook: Callable | None = None
     bb: Any = None
     symbols: dict[str, Any] = field(default_factory=dict)
     values: dict[int, Any] = field(default_factory=dict)
@@ -231,15 +235,17 @@ def dtype_of(e) -> str:
     return str(e.ty.dtype)
 
 
-def lower_graph(graph: Graph, info=None, *, kernels: bool = True, name: str = "main"):
+def lower_graph(graph: Graph, info=None, *, kernels: bool = True, name: str = "main",
+                linear_hook: Callable | None = None):
     """The Relax module of ``graph``, its parameters (numpy, in ``main``'s argument order after
-    the graph inputs) and the lowering (for its report)."""
+    the graph inputs) and the lowering (for its report); ``linear_hook``: see
+    :attr:`Lowering.linear_hook`."""
     from tvm import relax
 
     from qcompile.backends.tvm import ops  # noqa: F401  (registers the lowerings)
     from qcompile.backends.tvm.quantize import fake_quant
 
-    L = Lowering(graph, info, kernels)
+    L = Lowering(graph, info, kernels, linear_hook=linear_hook)
     L.bb = relax.BlockBuilder()
     L.users = graph.users()
     inputs = [relax.Var(v.name, relax.TensorType(L.shape(v), v.dtype)) for v in graph.inputs]

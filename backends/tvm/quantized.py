@@ -14,6 +14,7 @@ schedule — weight traffic stays at the code width (the MLC-LLM "decode-GEMV" p
 
 The codes come from the weight's ``QuantSpec`` applied to its stored (dequantized) value,
 which reproduces them exactly. Anything else returns None (the float kernel takes it).
+A lowering's ``linear_hook`` (target ``lut``) is asked first.
 """
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ def lower_quantized_linear(L, n, x, b, k: int, nout: int):
     wv, xv = n.inputs[1], n.inputs[0]
     if wv.quant is None:
         return None
+    if L.linear_hook is not None:  # another backend's kernels first (target lut)
+        y = L.linear_hook(L, n, x, b, k, nout)
+        if y is not None:
+            return y
     fmt = wv.quant.fmt
     raw = xv.producer.inputs[0] if xv.producer is not None and xv.producer.op == "identity" \
         else None
