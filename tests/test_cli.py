@@ -1,4 +1,4 @@
-"""The qcompile command: inspect, build, run and bench (targets reference and cpu)."""
+"""The qcompile command: inspect, build, run and bench (targets reference, cpu and lut)."""
 from __future__ import annotations
 
 import json
@@ -20,9 +20,9 @@ def test_inspect_prints_histogram(capsys):
     assert "linear" in out and "3" in out and "float32[batch, 64]" in out
 
 
-@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("target", ["reference", "cpu", "lut"])
 def test_build_run_bench(tmp_path, capsys, target):
-    if target == "cpu":
+    if target != "reference":
         pytest.importorskip("tvm")
     art = tmp_path / "art"
     assert main(["build", "qcompile.zoo:mlp", "--target", target, "-o", str(art)]) == 0

@@ -77,10 +77,12 @@ def compiler() -> str:
 
 
 def compile_source(src: str, *, extra: tuple[str, ...] = (), cxx: bool = False,
-                   suffix: str = "c", tag: str = "lut") -> Path:
-    """Compile ``src`` into a cached shared library and return its path."""
+                   suffix: str = "c", tag: str = "lut", openmp: bool = True) -> Path:
+    """Compile ``src`` into a cached shared library and return its path (``openmp=False``
+    drops ``-fopenmp``: for libraries whose threads come from elsewhere, e.g. TVM's pool)."""
     cc = os.environ.get("CXX", "c++") if cxx else compiler()
-    flags = tuple(f for f in CFLAGS if not (cxx and f.startswith("-std="))) + tuple(extra)
+    flags = tuple(f for f in CFLAGS if not (cxx and f.startswith("-std="))
+                  and (openmp or f != "-fopenmp")) + tuple(extra)
     if cxx:
         flags = flags + ("-std=c++17",)
     key = hashlib.sha256((src + "\0" + " ".join((cc,) + flags)).encode()).hexdigest()[:24]

@@ -1,0 +1,223 @@
+"""The LUT kernels as TVM-FFI functions, so a Relax module calls them with ``call_dps_packed``.
+
+One C translation unit holds the generated kernels (:func:`.codegen.generate`) and, per
+configuration, an entry point in TVM-FFI's C ABI (``__tvm_ffi_<name>``, the symbol that
+``TVM_FFI_DLL_EXPORT_TYPED_FUNC`` would emit, written against ``tvm/ffi/c_api.h``). The
+generated kernels are C, not C++ (implicit ``void*`` conversions), so the shim is C too and
+the whole library builds with the system C compiler through :func:`.build.compile_source`
+(cached by source and flags; gcc's output was checked to be byte-identical between builds).
+
+An entry takes ``(x, w, sc, y)`` or ``(x, w, sc, bias, y)``: ``x`` float32 ``[..., k]``, ``w``
+and ``sc`` the :class:`~.weights.PackedWeight`'s ``w`` (uint8) and ``sc`` (float32), ``y``
+float32 ``[..., n]`` (written). ``m`` is the product of ``x``'s leading dims, ``kp`` = ``k``
+rounded up to 32 (checked against the sizes of ``w`` and ``sc``). It runs on TVM's thread
+pool (``TVMBackendParallelLaunch``), not OpenMP, so the VM's kernels and these share one set
+of workers: every task builds the tables of its share of the rows, a barrier, then every
+task runs its share of the tiles.
+
+:func:`register` makes each entry the global function :func:`global_name` that the lowered
+Relax module calls; that has to happen before the VM runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qcompile.errors import BackendError
+
+from .build import compile_source
+from .codegen import KernelConfig, generate
+
+__all__ = ["global_name", "shim_source", "library_source", "compile_library", "load",
+           "register", "TAG"]
+
+#: the cache tag (file name prefix) of the FFI libraries
+TAG = "lut-ffi"
+
+_COMMON = r"""
+/* ---- TVM-FFI entry points (qcompile.backends.lut.ffi): C ABI of tvm/ffi/c_api.h ---- */
+#include <stdio.h>
+#include <tvm/ffi/c_api.h>
+#include <tvm/runtime/c_backend_api.h>
+
+typedef void (*qc_ffi_run_fn)(const uint8_t*, const float*, const float*, const int8_t*,
+                              const float*, const float*, float*, int64_t, int64_t, int64_t,
+                              int64_t, int64_t);
+
+static int qc_ffi_fail(const char* fn, const char* what, const char* arg) {
+  char msg[320];
+  snprintf(msg, sizeof msg, "%s: %s%s", fn, arg ? arg : "", what);
+  TVMFFIErrorSetRaisedFromCStr("ValueError", msg);
+  return -1;
+}
+
+/* The DLTensor of an argument (a Tensor object or a raw DLTensor*), else NULL. */
+static DLTensor* qc_ffi_tensor(const TVMFFIAny* a) {
+  if (a->type_index == kTVMFFITensor)
+    return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
+  if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
+  return NULL;
+}
+
+static int64_t qc_ffi_numel(const DLTensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+/* NULL when t is a compact row-major CPU tensor of the dtype, else what is wrong. */
+static const char* qc_ffi_check(const DLTensor* t, uint8_t code, uint8_t bits) {
+  if (!t) return " is not a tensor";
+  if (t->device.device_type != kDLCPU) return " is not on the CPU";
+  if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1)
+    return code == kDLFloat ? " is not float32" : " is not uint8";
+  if (t->ndim < 1) return " is a scalar";
+  if (t->strides) {
+    int64_t s = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+      if (t->shape[i] != 1 && t->strides[i] != s) return " is not contiguous";
+      s *= t->shape[i];
+    }
+  }
+  return NULL;
+}
+
+static void* qc_ffi_data(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
+
+typedef struct {
+  qc_ffi_run_fn run;
+  const float* x; const uint8_t* w; const float* sc; const float* bias; float* y;
+  int8_t* tq; float* tsh; float* xs;
+  int64_t m, n, k, kp, G, tiles;
+} qc_ffi_job;
+
+/* One worker: the tables of its rows, wait for all tables, then its tiles. */
+static int qc_ffi_task(int task, TVMParallelGroupEnv* env, void* data) {
+  const qc_ffi_job* j = (const qc_ffi_job*)data;
+  const int64_t nt = env->num_task, ng = j->kp / j->G;
+  const int64_t r0 = j->m * task / nt, r1 = j->m * (task + 1) / nt;
+  if (r1 > r0)
+    qc_lut_precompute(j->x + r0 * j->k, r1 - r0, j->k, j->kp, j->G, j->tq + r0 * j->kp * 4,
+                      j->tsh + r0 * ng, j->xs + r0 * ng);
+  if (nt > 1) TVMBackendParallelBarrier(task, env);
+  const int64_t t0 = j->tiles * task / nt, t1 = j->tiles * (task + 1) / nt;
+  if (t1 > t0)
+    j->run(j->w, j->sc, j->bias, j->tq, j->tsh, j->xs, j->y, j->m, j->n, j->kp, t0, t1);
+  return 0;
+}
+
+/* y = x . w^T (+ bias) for one configuration: G activation group, bm rows per tile, wg
+ * index bytes and sg scale floats per (tile, activation group). */
+static int qc_ffi_matmul(const char* fn, qc_ffi_run_fn run, int64_t G, int64_t bm, int64_t wg,
+                         int64_t sg, const TVMFFIAny* args, int32_t nargs) {
+  if (nargs != 4 && nargs != 5)
+    return qc_ffi_fail(fn, "takes (x, w, sc, y) or (x, w, sc, bias, y)", NULL);
+  DLTensor* x = qc_ffi_tensor(&args[0]);
+  DLTensor* w = qc_ffi_tensor(&args[1]);
+  DLTensor* sc = qc_ffi_tensor(&args[2]);
+  DLTensor* b = nargs == 5 ? qc_ffi_tensor(&args[3]) : NULL;
+  DLTensor* y = qc_ffi_tensor(&args[nargs - 1]);
+  const char* e;
+  if ((e = qc_ffi_check(x, kDLFloat, 32))) return qc_ffi_fail(fn, e, "x");
+  if ((e = qc_ffi_check(w, kDLUInt, 8))) return qc_ffi_fail(fn, e, "w");
+  if ((e = qc_ffi_check(sc, kDLFloat, 32))) return qc_ffi_fail(fn, e, "sc");
+  if (nargs == 5 && (e = qc_ffi_check(b, kDLFloat, 32))) return qc_ffi_fail(fn, e, "bias");
+  if ((e = qc_ffi_check(y, kDLFloat, 32))) return qc_ffi_fail(fn, e, "y");
+  const int64_t k = x->shape[x->ndim - 1], n = y->shape[y->ndim - 1];
+  const int64_t m = k ? qc_ffi_numel(x) / k : 0;
+  const int64_t kp = (k + 31) / 32 * 32, tiles = (n + bm - 1) / bm;
+  if (kp % G) return qc_ffi_fail(fn, " (K) is no multiple of the activation group", "x");
+  if (qc_ffi_numel(y) != m * n) return qc_ffi_fail(fn, " does not have x's rows", "y");
+  if (qc_ffi_numel(w) != tiles * (kp / G) * wg)
+    return qc_ffi_fail(fn, " does not match K and N (packed for another shape or kernel?)", "w");
+  if (qc_ffi_numel(sc) != tiles * (kp / G) * sg)
+    return qc_ffi_fail(fn, " does not match K and N (packed for another shape or kernel?)", "sc");
+  if (nargs == 5 && qc_ffi_numel(b) != n) return qc_ffi_fail(fn, " is not of size N", "bias");
+  if (m == 0 || n == 0) return 0;
+  const int64_t ng = kp / G, tqb = (m * kp * 4 + 63) / 64 * 64;
+  int8_t* tq = (int8_t*)aligned_alloc(64, (size_t)tqb);
+  float* tsh = (float*)malloc(sizeof(float) * (size_t)(m * ng * 2));
+  if (!tq || !tsh) {
+    free(tq); free(tsh);
+    return qc_ffi_fail(fn, "out of memory for the activation tables", NULL);
+  }
+  qc_ffi_job job = {run, (const float*)qc_ffi_data(x), (const uint8_t*)qc_ffi_data(w),
+                    (const float*)qc_ffi_data(sc), b ? (const float*)qc_ffi_data(b) : NULL,
+                    (float*)qc_ffi_data(y), tq, tsh, tsh + m * ng, m, n, k, kp, G, tiles};
+  int rc = TVMBackendParallelLaunch(qc_ffi_task, &job, 0);
+  free(tq); free(tsh);
+  return rc ? qc_ffi_fail(fn, "the TVM thread pool failed", NULL) : 0;
+}
+"""
+
+
+def global_name(c: KernelConfig) -> str:
+    """The global function the Relax module calls for configuration ``c``."""
+    return f"qcompile.lut.{c.name}"
+
+
+def _entry(c: KernelConfig) -> str:
+    wg, sg = c.pairs * c.vbytes, c.rb * c.ns * 16
+    body = (f"QC_EXPORT int __tvm_ffi_{c.name}(void* self, const TVMFFIAny* args, "
+            "int32_t nargs,\n"
+            f"    TVMFFIAny* result) {{\n"
+            "  (void)self; (void)result;\n"
+            f'  return qc_ffi_matmul("{c.name}", {c.name}_run, {c.group}, {16 * c.rb}, {wg}, {sg}, '
+            "args, nargs);\n}\n")
+    return body if c.variant == "c" else f"#if defined(__x86_64__)\n{body}#endif\n"
+
+
+def shim_source(configs) -> str:
+    """The C of the TVM-FFI entry points of ``configs`` (appended to the kernels' source)."""
+    cs = list(dict.fromkeys(configs))
+    return _COMMON + "\n" + "\n".join(_entry(c) for c in cs)
+
+
+def library_source(configs) -> str:
+    """The whole translation unit: kernels, then entry points."""
+    cs = list(dict.fromkeys(configs))
+    return generate(cs) + "\n" + shim_source(cs)
+
+
+def _flags() -> tuple[str, ...]:
+    """Headers and libraries of TVM-FFI (errors) and the TVM runtime (thread pool). The
+    libraries are linked by name without an rpath: ``tvm`` loads them (RTLD_GLOBAL) before
+    this library, so the loader finds them already mapped, and the file carries no path of
+    this machine."""
+    try:
+        import tvm
+        import tvm_ffi.libinfo as ffi_info
+    except ImportError as e:
+        raise BackendError(f"target 'lut' needs Apache TVM and apache-tvm-ffi ({e})",
+                           hint="pip install 'qcompile[tvm]' (or call the kernels standalone "
+                                "with qcompile.backends.lut.build.LutLibrary)") from None
+    tvm_root = Path(tvm.__file__).parent
+    ffi_lib = Path(ffi_info.find_libtvm_ffi()).parent
+    incs = dict.fromkeys([ffi_info.find_include_path(), ffi_info.find_dlpack_include_path(),
+                          str(tvm_root / "include")])
+    return (*(f"-I{i}" for i in incs), f"-L{ffi_lib}", f"-L{tvm_root / 'lib'}",
+            "-ltvm_ffi", "-ltvm_runtime")
+
+
+def compile_library(configs) -> Path:
+    """The cached shared library holding ``configs`` and their TVM-FFI entries."""
+    return compile_source(library_source(configs), extra=_flags(), tag=TAG, openmp=False)
+
+
+def load(path):
+    """The library at ``path`` as a TVM-FFI module."""
+    from qcompile.backends.tvm.target import require_tvm
+    require_tvm()  # loads libtvm_runtime, which the library links
+    import tvm_ffi
+    try:
+        return tvm_ffi.load_module(str(path))
+    except Exception as e:  # noqa: BLE001 - the loader's message says what is missing
+        raise BackendError(f"loading the LUT kernel library {path} failed: {e}",
+                           hint="rebuild with the installed TVM (qcompile build --target lut)"
+                           ) from None
+
+
+def register(module, configs) -> None:
+    """Make every configuration's entry of ``module`` its :func:`global_name`."""
+    import tvm_ffi
+    for c in dict.fromkeys(configs):
+        tvm_ffi.register_global_func(global_name(c), getattr(module, c.name), override=True)
