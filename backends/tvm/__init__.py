@@ -39,9 +39,11 @@ def _tvm_target(target: str):
     return t, host_cpu(t)
 
 
-def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hook=None):
+def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hook=None,
+          tune_trials: int = 0):
     """(relax executable, params, lowering) of ``graph`` for ``target``; ``linear_hook``
-    lowers linears before the built-in kernels do (:attr:`.lower.Lowering.linear_hook`)."""
+    lowers linears before the built-in kernels do (:attr:`.lower.Lowering.linear_hook`);
+    ``tune_trials`` > 0 tunes what no kernel covers with MetaSchedule (``metaschedule.py``)."""
     tvm = require_tvm()
     from tvm import relax
 
@@ -54,6 +56,9 @@ def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hoo
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
         ])(mod)
+    if tune_trials:  # optional MetaSchedule tuning, records cached per shape
+        from qcompile.backends.tvm.metaschedule import tune_cpu_module
+        mod = tune_cpu_module(mod, tgt, info, tune_trials, target_name=target, report=L.report)
     if target in CUDA_ARCH:
         from tvm.s_tir import dlight as dl
         with tgt:
@@ -169,6 +174,7 @@ class TVMExecutable:
 class TVMBackend(Backend):
     name = "tvm"
     targets = ("cpu", "cpu-aarch64", *CUDA_ARCH)
+    tunable = ("cpu",)  # MetaSchedule measures on this machine
     versioned = ("tvm",)  # a library built by one TVM need not load in another
 
     def supports(self, node: Node) -> bool:
@@ -180,8 +186,8 @@ class TVMBackend(Backend):
         from qcompile.backends import get_backend
         return get_backend("reference").cost(node, device, env)
 
-    def lower(self, graph: Graph, target: str):
-        ex, params, L = build(graph, target)
+    def lower(self, graph: Graph, target: str, *, tune_trials: int = 0):
+        ex, params, L = build(graph, target, tune_trials=tune_trials)
         return TVMExecutable(graph, target, ex, params, L.report)
 
     def artifacts(self, executable) -> dict[str, bytes]:
