@@ -230,6 +230,12 @@ def ort_pack4(w: torch.Tensor, block: int = 128):
     return packed, sc, wdq
 
 
+def _distinct(a: np.ndarray, i: int) -> np.ndarray:
+    b = a.copy()
+    b.flat[(i * 7919) % b.size] ^= 0x11
+    return b
+
+
 def ort_matmulnbits(w: torch.Tensor, threads: int, accuracy_level: int = 0, block: int = 128,
                     rotate_bytes: int = 0, packing=None):
     """A ``MatMulNBits`` session (4 bits, ``block``) on ORT's own packing of ``w`` (``packing``:
@@ -248,7 +254,9 @@ def ort_matmulnbits(w: torch.Tensor, threads: int, accuracy_level: int = 0, bloc
         attrs["accuracy_level"] = accuracy_level
     nodes, inits, names, values, keep = [], [], [], [], []
     for i in range(copies):
-        b, s = (packed, sc) if i == 0 else (packed.copy(), sc.copy())
+        # each copy differs in one code: ORT shares byte-identical initializers, which made
+        # the "rotated" copies one cache-resident weight (measured: 0.40 against 1.17 ms)
+        b, s = (packed, sc) if i == 0 else (_distinct(packed, i), sc.copy())
         keep += [b, s]  # the session reads these buffers: they live as long as it
         inits += [_external(f"B{i}", TensorProto.UINT8, b),
                   _external(f"S{i}", TensorProto.FLOAT, s)]
@@ -274,10 +282,8 @@ def ort_matmulnbits(w: torch.Tensor, threads: int, accuracy_level: int = 0, bloc
 
         def run():
             box["y"] = sess.run(None, {"x": x})
-        def get():  # the first copy's output, NaN unless every copy's agrees with it
-            ys = box["y"]
-            same = all(np.array_equal(y, ys[0]) for y in ys[1:])
-            return ys[0] if same else np.full_like(ys[0], np.nan)
+        def get():  # the first copy's output (the others hold one changed code each)
+            return box["y"][0]
         return run, get
     return {"make": make, "bytes": packed.nbytes + sc.nbytes, "wdq": wdq, "copies": copies,
             "calls": copies, "keep": keep, "session": sess}
