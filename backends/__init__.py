@@ -1,5 +1,6 @@
 """qcompile backends: each registers target names, says which nodes it supports, gives a
 cost per node per device, and lowers a graph to an executable."""
+from qcompile.backends import amx as _amx  # noqa: F401  (amx; TVM + a C++ compiler to build)
 from qcompile.backends import lut as _lut  # noqa: F401  (lut; TVM + a C compiler to build)
 from qcompile.backends import reference as _reference  # noqa: F401  (registers 'reference')
 from qcompile.backends import tvm as _tvm  # noqa: F401  (cpu, cuda; needs apache-tvm to build)
