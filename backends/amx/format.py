@@ -56,7 +56,7 @@ class SparseWeight:
     """A weight in the sparse (``masks`` not None) or dense layout.
 
     ``values``: uint16 bf16 bits or int8 codes; ``masks``: uint32/uint64 ``[tiles_n, rows]``;
-    ``offsets``: int64 ``[tiles_n + 1]``; ``scale``/``colsum``: per output (int8 only)."""
+    ``offsets``: int64 ``[tiles_n + 1]``; ``scale``/``colsum``: per output, zero-padded to whole tiles of 16 (int8 only)."""
 
     kind: str  # "bf16" | "int8"
     n: int
@@ -121,7 +121,13 @@ def _prepare(w, kind: str, scale=None):
     if s.shape[0] != a.shape[0]:
         raise ConfigError(f"int8 sparse weights need one scale per output ({a.shape[0]}), got "
                           f"{s.shape[0]}", hint="quantize the weight per channel")
-    return a, s, a.astype(np.int64).sum(1).astype(np.int32)
+    # padded to whole column tiles: the kernels load them 16 at a time
+    n16 = -(-a.shape[0] // 16) * 16
+    sp = np.zeros(n16, np.float32)
+    sp[:a.shape[0]] = s
+    cs = np.zeros(n16, np.int32)
+    cs[:a.shape[0]] = a.astype(np.int64).sum(1)
+    return a, sp, cs
 
 
 def sparse(w, kind: str = "bf16", *, scale=None) -> SparseWeight:

@@ -47,7 +47,7 @@ def int8_model(x, sw, bias):
     with np.errstate(divide="ignore", invalid="ignore"):
         xq = np.where(sx[:, None] > 0, np.rint(x / sx[:, None]), 0).clip(-128, 127)
     acc = xq.astype(np.int64) @ F.decode(sw).astype(np.int64).T
-    y = ((acc.astype(F32) * sx[:, None]).astype(F32) * sw.scale[None]).astype(F32)
+    y = ((acc.astype(F32) * sx[:, None]).astype(F32) * sw.scale[None, :sw.n]).astype(F32)
     return (y + bias[None]).astype(F32) if bias is not None else y
 
 
