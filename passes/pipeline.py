@@ -1,7 +1,7 @@
 """The quantization pipeline a ``QuantConfig`` asks for, as a pass list:
 
     [fold_norms → (calibrate) → rotate] → [calibrate → smoothquant] → calibrate
-        → [sparsify] → quantize_weights → quantize_activations
+        → [sparsify] → [mixed_precision] → quantize_weights → quantize_activations
 
 (steps a config does not need are left out). ``compile()`` runs it between capture and
 lowering; each pass is timed, verified (under tests or ``QCOMPILE_VERIFY=1``) and dumped
@@ -21,8 +21,10 @@ from qcompile.passes.rotate import HIGH_SUFFIX
 __all__ = ["quantization_pipeline", "quantize_graph"]
 
 
-def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
-    """(pass names, per-pass options) for ``cfg`` with calibration samples ``data``."""
+def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labels=None,
+                          target: str | None = None):
+    """(pass names, per-pass options) for ``cfg`` with calibration samples ``data`` (and, for
+    mixed precision's task loss, their ``labels``; its latency budget measures on ``target``)."""
     algos = {cfg.algorithm} | {ov.get("algorithm") for ov in cfg.overrides.values()
                                if isinstance(ov, dict) and ov.get("algorithm")}
     static_acts = cfg.activations is not None and cfg.activation_granularity == "per_tensor"
@@ -34,9 +36,15 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
     stats = bool(algos & {"gptq", "awq"}) or static_acts or (bool(sparse) and data is not None
                                                              and bool(methods & {"wanda", "2:4"}))
     pca = cfg.rotation == "pca"
-    if (cfg.smoothquant is not None or stats or pca or wanda) and data is None:
+    mixed = cfg.mixed_precision is not None
+    if labels is not None and not mixed:
+        raise ConfigError("labels were given, but only mixed precision's sensitivity uses them",
+                          hint="set QuantConfig(mixed_precision=qcompile.Budget(...)), or drop "
+                               "labels=")
+    if (cfg.smoothquant is not None or stats or pca or wanda or mixed) and data is None:
         raise ConfigError("this QuantConfig needs calibration data (smoothquant, gptq, awq, "
-                          "static activations, rotation='pca' or sparsity_method='wanda')",
+                          "static activations, rotation='pca', sparsity_method='wanda' or "
+                          "mixed_precision)",
                           hint="pass calibration=[inputs, ...] to compile()")
     names, opts = [], {}
     opts["calibrate"] = {"data": data, "max_samples": cfg.calibration_size, "seed": cfg.seed,
@@ -59,14 +67,18 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True):
     if sparse:
         names.append("sparsify")
         opts["sparsify"] = {"config": cfg}
+    if mixed:
+        names.append("mixed_precision")
+        opts["mixed_precision"] = {"config": cfg, "data": data, "labels": labels,
+                                   "target": target, "progress": progress}
     names += ["quantize_weights", "quantize_activations"]
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}
     return names, opts
 
 
-def quantize_graph(graph: Graph, config, calibration=None, *,
-                   progress: bool = True) -> tuple[Graph, list[PassRecord]]:
+def quantize_graph(graph: Graph, config, calibration=None, *, progress: bool = True,
+                   labels=None, target: str | None = None) -> tuple[Graph, list[PassRecord]]:
     cfg = QuantConfig.coerce(config)
     data = None
     if calibration is not None:
@@ -74,7 +86,10 @@ def quantize_graph(graph: Graph, config, calibration=None, *,
         if not data:
             raise ConfigError("the calibration set is empty",
                               hint="pass at least one sample (64-128 are typical)")
-    names, opts = quantization_pipeline(cfg, data, progress=progress)
+    if labels is not None:
+        labels = list(labels)
+    names, opts = quantization_pipeline(cfg, data, progress=progress, labels=labels,
+                                        target=target)
     # two calibrate steps (before and after smoothing) share options: run them separately
     records: list[PassRecord] = []
     for name in names:

@@ -10,6 +10,13 @@ into the layer's format, with the layer's algorithm:
   calibration activations and folded into the producer of the input (``qcompile.passes.awq``);
   layers whose input has no foldable producer get RTN.
 
+Convolutions' constant weights ``[out, in/groups, *kernel]`` are quantized per output channel
+(one scale over ``in/groups × kernel``, the convention of ONNX Runtime's and TensorRT's
+quantizers) with RTN; block formats, which need a single axis, leave them in float (on record).
+
+Where the mixed-precision pass ran (``graph.meta["mixed_precision"]``, a ``PrecisionPlan``),
+each layer it decided takes the plan's weight format in place of the config's.
+
 The weight constant becomes its dequantized value, annotated with a ``QuantSpec`` whose scale
 (zero point, tensor scale, metadata) constants hold the format's parameters, so the
 interpreter's fake quantization reproduces it exactly and backends can read the codes.
@@ -30,7 +37,8 @@ from qcompile.passes.awq import CLIP_GRID, awq_quantize, awq_search
 from qcompile.passes.gptq import gptq
 from qcompile.passes.manager import register_pass
 
-__all__ = ["quantize_weights", "annotate_weight", "rtn"]
+__all__ = ["quantize_weights", "annotate_weight", "rtn", "weight_layers", "conv_format",
+           "layer_plan"]
 
 def rtn(w: torch.Tensor, fmt, *, clip_search: bool = False) -> QuantizedTensor:
     """Round to nearest; with ``clip_search``, the clip ratio (int formats) of least MSE."""
@@ -56,7 +64,9 @@ def annotate_weight(graph: Graph, lin: Node, qt: QuantizedTensor) -> None:
     params = {role: graph.add_constant(f"{old.name}.{role}", t).name for role, t in qt.params.items()}
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fmt.options().items()
             if k not in ("granularity", "group_size")}
-    spec = QuantSpec(fmt.name, fmt.granularity, axis=None if qt.axis is None else 1,
+    rank = len(qt.shape)
+    axis = None if qt.axis is None else 1 if rank == 2 else tuple(range(1, rank))
+    spec = QuantSpec(fmt.name, fmt.granularity, axis=axis,
                      group_size=fmt.group_size, options=tuple(sorted(opts.items())), **params)
     lin.inputs[1] = graph.add_constant(old.name, qt.dequantize(dtype), quant=spec)
     lin.inputs[1].sparsity = old.sparsity
@@ -66,18 +76,52 @@ def _layer_names(lin: Node) -> tuple[str, str]:
     return (lin.provenance.module or lin.name, lin.inputs[1].name)
 
 
+def weight_layers(graph: Graph) -> list[Node]:
+    """The linears and convolutions with a constant, not yet quantized, float weight."""
+    return [n for n in graph.nodes if n.op in ("linear", "conv") and graph.is_constant(n.inputs[1])
+            and n.inputs[1].quant is None and n.inputs[1].dtype in ("float32", "float16",
+                                                                     "bfloat16")
+            and (n.op == "linear" or n.inputs[1].type.rank >= 3)]
+
+
+def conv_format(fmt):
+    """A convolution weight's format: ``fmt`` per output channel; None for block formats."""
+    from qcompile.formats import get
+    if fmt.block_only:
+        return None
+    if fmt.granularity.value in ("none", "per_tensor"):
+        return fmt
+    opts = {k: v for k, v in fmt.options().items() if k not in ("granularity", "group_size")}
+    return get(fmt.name, **opts, granularity="per_channel")
+
+
+def layer_plan(graph: Graph, config: QuantConfig, layers: list[Node]) -> dict:
+    """Each layer's resolved ``LayerConfig`` (None: skipped), with the mixed-precision plan's
+    weight format where it decided the layer."""
+    mp = graph.meta.get("mixed_precision")
+    chosen = mp.formats if mp is not None else {}
+    out = {}
+    for n in layers:
+        lc = config.layer(*_layer_names(n))
+        if lc is not None and n.name in chosen:
+            lc = dataclasses.replace(lc, weights=chosen[n.name])
+        out[id(n)] = lc
+    return out
+
+
 @register_pass("quantize_weights")
 def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True) -> Graph:
     config = QuantConfig.coerce(config)
     cal = graph.meta.get("calibration")
-    linears = [n for n in graph.nodes if n.op == "linear" and graph.is_constant(n.inputs[1])
-               and n.inputs[1].quant is None]
-    plan = {id(n): config.layer(*_layer_names(n)) for n in linears}
-    needs = {lc.algorithm for lc in plan.values() if lc is not None and lc.weights is not None}
+    layers = weight_layers(graph)
+    plan = layer_plan(graph, config, layers)
+    linears = [n for n in layers if n.op == "linear"]
+    needs = {lc.algorithm for n in linears if (lc := plan[id(n)]) is not None
+             and lc.weights is not None}
     if needs & {"gptq", "awq"} and cal is None:
         raise ConfigError(f"{'/'.join(sorted(needs & {'gptq', 'awq'}))} needs calibration "
                           "statistics", hint="pass calibration=[inputs, ...] to compile()")
-    for lin in linears:  # every format must fit before anything changes
+    for lin in linears:  # every format must fit before anything changes (convs always fit)
         lc = plan[id(lin)]
         if lc is not None and lc.weights is not None:
             _check_fits(graph, lin, lc.weight_format())
@@ -85,10 +129,10 @@ def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True
     # layers it feeds before it is quantized itself (Lin et al. 2024, reference order)
     awq_inputs = _awq_fold(graph, linears, plan, config, cal) if "awq" in needs else {}
     report = {}
-    it = linears
+    it = layers
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(linears, desc="quantize weights", leave=False, unit="layer")
+        it = tqdm(layers, desc="quantize weights", leave=False, unit="layer")
     for lin in it:
         lc = plan[id(lin)]
         if lc is None or lc.weights is None:
@@ -97,6 +141,15 @@ def quantize_weights(graph: Graph, *, config: QuantConfig, progress: bool = True
         fmt = lc.weight_format()
         w = graph.constants[lin.inputs[1].name].float()
         algo = lc.algorithm
+        if lin.op == "conv":
+            cf = conv_format(fmt)
+            if cf is None:
+                report[lin.name] = f"float (conv: block format {fmt} needs a single axis)"
+                continue
+            qt = cf.quantize(w, tuple(range(1, w.dim())))
+            annotate_weight(graph, lin, qt)
+            report[lin.name] = f"rtn {cf}"
+            continue
         if algo == "awq" and id(lin) in awq_inputs:
             clip = config.awq.get("clip", True) and not feeds_attention_scores(graph, lin)
             qt = awq_quantize(w, awq_inputs[id(lin)], fmt, clip=clip)

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from qcompile import formats  # noqa: E402
 from qcompile.api import capture, compile  # noqa: E402
-from qcompile.config import QuantConfig  # noqa: E402
+from qcompile.config import Budget, QuantConfig  # noqa: E402
 from qcompile.errors import (  # noqa: E402
     ArtifactError,
     BackendError,
@@ -34,5 +34,5 @@ __all__ = [
     "__version__", "compile", "capture", "load", "targets", "CompiledModel", "Graph",
     "TensorType", "verify", "QCompileError", "CaptureError", "UnsupportedOpError",
     "VerificationError", "PassError", "BackendError", "ArtifactError", "ConfigError", "InputError",
-    "QuantizationError", "formats", "QuantConfig",
+    "QuantizationError", "formats", "QuantConfig", "Budget",
 ]

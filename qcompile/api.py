@@ -73,8 +73,10 @@ def _check_tune_trials(tune_trials, target: str, backend) -> None:
 
 
 def compile(model, target: Any = "reference", *, example_inputs=None, config=None,
-            calibration=None, dynamic_shapes=None, tune_trials: int = 0) -> CompiledModel:
+            calibration=None, labels=None, dynamic_shapes=None,
+            tune_trials: int = 0) -> CompiledModel:
     """Capture ``model``, run the pipeline for ``config`` and lower it for ``target``.
+    ``labels`` (one per calibration sample) give mixed precision a task loss.
     ``tune_trials`` > 0 tunes the build with that many measured trials per workload, for
     targets that support it (``cpu``: MetaSchedule; records are cached per shape, so a
     rebuild with the same shapes does not search again)."""
@@ -88,9 +90,9 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
     from qcompile.config import QuantConfig
     config = QuantConfig.coerce(config)  # a bad config fails before any work too
     _check_tune_trials(tune_trials, target, backend)
-    if calibration is not None and config is None:
-        raise ConfigError("calibration data was given without a quantization config",
-                          hint="pass config=QuantConfig(...) or drop calibration=")
+    if (calibration is not None or labels is not None) and config is None:
+        raise ConfigError("calibration data or labels were given without a quantization config",
+                          hint="pass config=QuantConfig(...) or drop calibration= / labels=")
     timings = {}
     t0 = time.perf_counter()
     graph = model if isinstance(model, Graph) else capture(model, example_inputs,
@@ -100,7 +102,8 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
         from qcompile.passes.pipeline import quantize_graph
         t0 = time.perf_counter()
         graph = graph.clone() if graph is model else graph
-        graph, records = quantize_graph(graph, config, calibration)
+        graph, records = quantize_graph(graph, config, calibration, labels=labels,
+                                        target=target)
         timings["quantize_s"] = time.perf_counter() - t0
         timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
     t0 = time.perf_counter()

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 from qcompile.errors import ConfigError
 
-__all__ = ["QuantConfig", "LayerConfig", "ALGORITHMS", "ROTATIONS", "SPARSITY_METHODS"]
+__all__ = ["QuantConfig", "LayerConfig", "Budget", "ALGORITHMS", "ROTATIONS", "SPARSITY_METHODS",
+           "PRECISION_METHODS"]
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 ROTATIONS = (None, "hadamard", "random", "pca")
@@ -27,6 +28,120 @@ RESQ_DEFAULTS = {"fraction": 0.125, "weights": "int8", "activations": "int8"}
 _LAYER_FIELDS = ("weights", "group_size", "weight_options", "activations",
                  "activation_granularity", "algorithm", "sparsity", "sparsity_method")
 SPARSITY_METHODS = ("wanda", "magnitude", "2:4")
+PRECISION_METHODS = ("hawq-v3", "clado")
+SENSITIVITIES = ("trace", "eigenvalue")
+LOSSES = ("auto", "task", "kl", "mse")
+_BUDGET_LIMITS = ("avg_bits", "size_mb", "gbops", "latency_ms")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A mixed-precision budget: which per-layer weight formats to choose among, under which
+    limits, by which method (``qcompile.passes.mixed_precision``).
+
+    - limits (any combination, at least one): ``avg_bits`` — the element bits of the chosen
+      formats averaged over the weights mixed precision decides (HAWQ's "average bit-width";
+      scales not counted); ``size_mb`` — the whole model's weight storage in MB (10⁶ bytes),
+      codes, scales and padding included, other constants at their dtype; ``gbops`` — giga
+      bit-operations ``Σ MACs·b_w·b_a`` of one calibration sample (HAWQ-V3 eq. 11);
+      ``latency_ms`` — the compiled model's latency on one calibration sample, predicted from
+      per-layer latencies measured on ``latency_target`` (default: the compile target).
+    - ``candidates``: weight format names (``"int2"``, ``"int4"``, ``"mxfp4"``, ``"nvfp4"``, ...);
+      group size and options come from the config (block formats carry their own).
+    - ``method``: ``"hawq-v3"`` (HAWQ-V2 sensitivities, integer linear program) or
+      ``"clado"`` (measured cross-layer interactions, quadratic program).
+    - ``sensitivity``: ``"trace"`` (HAWQ-V2: Hutchinson's ``Tr(H)/n``) or ``"eigenvalue"``
+      (Q-BERT: the top Hessian eigenvalue by power iteration); ``loss``: ``"task"`` (cross
+      entropy, or MSE for float labels; needs ``labels``), ``"kl"`` or ``"mse"`` to the float
+      model's output, ``"auto"``: task with labels, else MSE; ``samples``: calibration samples
+      the sensitivities and CLADO's measurements use; ``max_iters`` / ``tol``: Hutchinson's
+      stopping rule (PyHessian: 100 probes, or a running-mean change below 1e-3 relative).
+    - ``fixed``: pattern → format for layers kept out of the search (``"first"`` and
+      ``"last"`` name the first and last layers: HAWQ-V3 keeps them at 8 bits);
+      ``ties``: groups of patterns whose layers must share a format; ``tie_shared_inputs``:
+      also tie layers that read one input (Q/K/V), so one quantized input serves them all.
+    - ``time_limit``: seconds for the solver (HiGHS).
+    """
+
+    avg_bits: float | None = None
+    size_mb: float | None = None
+    gbops: float | None = None
+    latency_ms: float | None = None
+    candidates: tuple = ("int2", "int3", "int4", "int8")
+    method: str = "hawq-v3"
+    sensitivity: str = "trace"
+    loss: str = "auto"
+    samples: int = 8
+    max_iters: int = 100
+    tol: float = 1e-3
+    fixed: Mapping[str, str] = field(default_factory=dict)
+    ties: tuple = ()
+    tie_shared_inputs: bool = True
+    latency_target: str | None = None
+    time_limit: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self):
+        from qcompile.formats import get
+        if isinstance(self.candidates, str):
+            object.__setattr__(self, "candidates", (self.candidates,))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "ties", tuple(tuple([t] if isinstance(t, str) else t)
+                                               for t in self.ties))
+        if not self.candidates:
+            raise ConfigError("Budget.candidates is empty", hint="e.g. ('int4', 'int8')")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(f"Budget.candidates repeats a format: {list(self.candidates)}")
+        for c in (*self.candidates, *self.fixed.values()):
+            if not isinstance(c, str):
+                raise ConfigError(f"a mixed-precision candidate is a format name, got {c!r}")
+            get(c)
+        limits = self.limits()
+        if not limits:
+            raise ConfigError("a mixed-precision Budget needs a limit",
+                              hint=f"set one or more of {', '.join(_BUDGET_LIMITS)}")
+        for k, v in limits.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"Budget.{k} must be a positive number, got {v!r}")
+        if self.method not in PRECISION_METHODS:
+            raise ConfigError(f"unknown mixed-precision method {self.method!r}",
+                              hint=f"use one of {', '.join(PRECISION_METHODS)}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"unknown sensitivity {self.sensitivity!r}",
+                              hint=f"use one of {', '.join(SENSITIVITIES)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown sensitivity loss {self.loss!r}",
+                              hint=f"use one of {', '.join(LOSSES)}")
+        for k in ("samples", "max_iters"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Budget.{k} must be a positive integer, got {v!r}")
+        if not self.tol >= 0 or not self.time_limit > 0:
+            raise ConfigError("Budget.tol must be ≥ 0 and Budget.time_limit > 0")
+
+    def limits(self) -> dict[str, float]:
+        """The limits that are set, by name."""
+        return {k: getattr(self, k) for k in _BUDGET_LIMITS if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else
+                         [list(t) for t in v] if f.name == "ties" else
+                         list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def coerce(cls, b) -> "Budget | None":
+        if b is None or isinstance(b, Budget):
+            return b
+        if isinstance(b, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(b) - names)
+            if unknown:
+                raise ConfigError(f"unknown Budget field(s) {unknown}",
+                                  hint=f"fields: {', '.join(sorted(names))}")
+            return cls(**b)
+        raise ConfigError(f"mixed_precision must be a qcompile.Budget or a dict, got "
+                          f"{type(b).__name__}")
 
 
 def _check_sparsity(lc, where: str) -> None:
@@ -105,6 +220,9 @@ class QuantConfig:
       before quantization; ``sparsity_method``: ``"wanda"`` (|W|·‖X‖ per output row, from
       calibration), ``"magnitude"`` (|W| over the layer) or ``"2:4"`` (two of every four
       consecutive weights, Wanda's score where calibration data is given; sparsity 0.5).
+    - ``mixed_precision``: a :class:`Budget` (or its dict): each layer's weight format is
+      chosen among the budget's candidates by HAWQ-V3 or CLADO; overrides that set a layer's
+      ``weights`` pin it.
     - ``calibration_size``: how many calibration samples are used at most.
     """
 
@@ -125,11 +243,13 @@ class QuantConfig:
     sparsity: float | None = None
     sparsity_method: str = "wanda"
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    mixed_precision: Budget | None = None
     calibration_size: int = 128
     seed: int = 0
 
     def __post_init__(self):
         from qcompile.formats import get
+        object.__setattr__(self, "mixed_precision", Budget.coerce(self.mixed_precision))
         for name in ("weights", "activations", "kv_cache"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
@@ -196,7 +316,8 @@ class QuantConfig:
 
     # -- (de)serialization -----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else
+                         v.to_dict() if isinstance(v, Budget) else v)
                 for f in dataclasses.fields(self)}
 
     @classmethod
@@ -214,7 +335,8 @@ class QuantConfig:
     @classmethod
     def from_toml(cls, source: str | Path) -> "QuantConfig":
         """Read a TOML file (or TOML text): top-level keys are the fields; ``"none"`` means
-        None, and tables give ``overrides``, ``gptq``, ``awq``, ``weight_options``."""
+        None, and tables give ``overrides``, ``gptq``, ``awq``, ``weight_options``,
+        ``mixed_precision``."""
         try:
             import tomllib
         except ImportError:  # Python 3.10

@@ -109,7 +109,9 @@ class CompiledModel:
                 "outputs": {v.name: str(v.type) for v in self.graph.outputs},
                 "nodes": len(self.graph.nodes), "constants": len(self.graph.constants),
                 "parameters": int(sum(t.numel() for t in self.graph.constants.values())),
-                "ops": self.graph.op_histogram(), "layers": layers, "timings": self.timings}
+                "ops": self.graph.op_histogram(), "layers": layers, "timings": self.timings,
+                **({"mixed_precision": mp.to_dict()} if (mp := self.graph.meta.get(
+                    "mixed_precision")) is not None else {})}
 
     def __repr__(self) -> str:
         return f"<CompiledModel target={self.target!r} {self.graph!r}>"

@@ -1,0 +1,179 @@
+"""Measured latencies of single layers and whole graphs on a target, cached per machine.
+
+A layer's latency is that of the kernel qcompile emits for it: the layer alone (its op,
+attributes, weight and bias, the input shape of one calibration sample) is compiled for the
+target under the layer's quantization config and timed, and the time of an empty call on
+the same input (the runtime's fixed overhead) is subtracted. Whole graphs are compiled and
+timed as they are. Times are medians of repeated calls after warm-up, in milliseconds.
+
+The cache is a JSON file, ``<cache>/latency.json`` (``$QCOMPILE_CACHE``, or
+``$XDG_CACHE_HOME/qcompile``), keyed by the machine (CPU model, cores, thread setting) and by
+what was measured, so a later build with the same shapes measures nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from qcompile.ir.graph import Graph, Node
+from qcompile.ir.types import TensorType
+
+__all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "time_call", "cache_path"]
+
+#: targets whose kernels run on this machine's CPU, so their latency can be measured here
+LATENCY_TARGETS = ("cpu", "lut", "amx")
+
+
+def cache_path() -> Path:
+    from qcompile.backends.lut.build import cache_dir
+    return cache_dir() / "latency.json"
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}|{os.cpu_count()}|{os.environ.get('TVM_NUM_THREADS', '')}"
+
+
+def _load() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, ms: float) -> None:
+    path = cache_path()
+    data = _load()
+    data.setdefault(_machine(), {})[key] = ms
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _cached(key: str) -> float | None:
+    return _load().get(_machine(), {}).get(key)
+
+
+def time_call(fn, args, *, min_time: float = 0.2, min_runs: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn(*args)`` over at least ``min_runs`` calls and ``min_time``
+    seconds, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+        if len(times) >= 10000:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def _layer_graph(graph: Graph, node: Node, shape) -> Graph:
+    g = Graph(f"{node.op}_alone")
+    xv = node.inputs[0]
+    x = g.add_input("x", TensorType(tuple(int(d) for d in shape), xv.dtype))
+    ins = [x]
+    for v in node.inputs[1:]:
+        ins.append(None if v is None else g.add_constant(v.name, graph.constants[v.name]))
+    out = g.add_node(node.op, ins, dict(node.attrs), name=node.name).outputs[0]
+    g.outputs = [out]
+    return g
+
+
+def _empty_graph(shape, dtype: str) -> Graph:
+    g = Graph("empty")
+    x = g.add_input("x", TensorType(tuple(int(d) for d in shape), dtype))
+    g.outputs = [g.add("neg", x)]
+    return g
+
+
+def _example(shape, dtype: str) -> torch.Tensor:
+    from qcompile.ir.types import to_torch_dtype
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(int(d) for d in shape), generator=gen).to(to_torch_dtype(dtype))
+
+
+def _layer_config(lc, config):
+    from qcompile.config import QuantConfig
+    if lc is None:
+        return None
+    return QuantConfig(weights=lc.weights, group_size=lc.group_size,
+                       weight_options=dict(lc.weight_options), activations=lc.activations,
+                       activation_granularity=lc.activation_granularity, algorithm="rtn",
+                       rtn_clip_search=False)
+
+
+def _compile_and_time(g: Graph, target: str, cfg, x) -> float:
+    from qcompile.api import compile as qcompile_compile
+    cal = [(x,)] if cfg is not None and cfg.activations is not None else None
+    cm = qcompile_compile(g, target, config=cfg, calibration=cal)
+    return time_call(cm.run, (x,))
+
+
+def layer_latency(graph: Graph, node: Node, shapes: dict, target: str, lc, config=None) -> float:
+    """Milliseconds of ``node`` alone on ``target`` with layer config ``lc`` (None: float),
+    for the input shape recorded in ``shapes``; the empty-call overhead is subtracted."""
+    shape = shapes[node.inputs[0].name]
+    wv = node.inputs[1]
+    cfg = _layer_config(lc, config)
+    key = json.dumps({"target": target, "op": node.op, "x": list(shape), "dtype": node.inputs[0].dtype,
+                      "w": list(wv.type.shape), "wdtype": wv.dtype,
+                      "bias": len(node.inputs) > 2 and node.inputs[2] is not None,
+                      "attrs": {k: repr(v) for k, v in sorted(node.attrs.items())},
+                      "config": None if cfg is None else
+                      {k: repr(v) for k, v in sorted(cfg.to_dict().items())}}, sort_keys=True)
+    hit = _cached(key)
+    if hit is not None:
+        return hit
+    x = _example(shape, node.inputs[0].dtype)
+    t = _compile_and_time(_layer_graph(graph, node, shape), target, cfg, x)
+    ms = max(t - _empty_latency(target, shape, node.inputs[0].dtype), 0.0)
+    _store(key, ms)
+    return ms
+
+
+def _empty_latency(target: str, shape, dtype: str) -> float:
+    key = json.dumps({"target": target, "empty": list(shape), "dtype": dtype})
+    hit = _cached(key)
+    if hit is not None:
+        return hit
+    x = _example(shape, dtype)
+    ms = _compile_and_time(_empty_graph(shape, dtype), target, None, x)
+    _store(key, ms)
+    return ms
+
+
+def model_latency(graph: Graph, sample, target: str, config=None, calibration=None) -> float:
+    """Milliseconds of the whole ``graph`` (compiled for ``target``, under ``config``) on the
+    positional inputs ``sample``."""
+    from qcompile.api import compile as qcompile_compile
+    from qcompile.runtime import graph_hash
+    h = hashlib.sha256(graph_hash(graph).encode())
+    h.update(json.dumps([list(t.shape) for t in sample]).encode())
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=repr).encode())
+    key = json.dumps({"target": target, "model": h.hexdigest()})
+    hit = _cached(key)
+    if hit is not None:
+        return hit
+    cm = qcompile_compile(graph, target, config=config, calibration=calibration)
+    ms = time_call(cm.run, tuple(sample))
+    _store(key, ms)
+    return ms
