@@ -1,9 +1,11 @@
 """Measured latencies of single layers and whole graphs on a target, cached per machine.
 
-A layer's latency is that of the kernel qcompile emits for it: the layer alone (its op,
-attributes, weight and bias, the input shape of one calibration sample) is compiled for the
-target under the layer's quantization config and timed, and the time of an empty call on
-the same input (the runtime's fixed overhead) is subtracted. Whole graphs are compiled and
+A layer's latency is that of the kernel qcompile emits for it: copies of the layer alone
+(its op, attributes, weight and bias, the input shape of one calibration sample; each copy
+with its own weight, so they stream from memory as a model's layers do) are compiled for the
+target under the layer's quantization config and timed in one call; the time of an empty
+call on the same input (the runtime's fixed overhead) is subtracted and the rest divided by
+the copies. Whole graphs are compiled and
 timed as they are. Times are medians of repeated calls after warm-up, in milliseconds.
 
 The cache is a JSON file, ``<cache>/latency.json`` (``$QCOMPILE_CACHE``, or
@@ -25,7 +27,8 @@ import torch
 from qcompile.ir.graph import Graph, Node
 from qcompile.ir.types import TensorType
 
-__all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "time_call", "cache_path"]
+__all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "time_call", "cache_path",
+           "copies"]
 
 #: targets whose kernels run on this machine's CPU, so their latency can be measured here
 LATENCY_TARGETS = ("cpu", "lut", "amx")
@@ -85,15 +88,27 @@ def time_call(fn, args, *, min_time: float = 0.2, min_runs: int = 10, warmup: in
     return 1e3 * statistics.median(times)
 
 
-def _layer_graph(graph: Graph, node: Node, shape) -> Graph:
+def copies(graph: Graph, node: Node) -> int:
+    """How many copies of ``node`` one timed call runs: enough that their weights pass 4 MiB
+    (4 to 32 copies), so the runtime's per-call overhead, spread over them, stays small."""
+    w = graph.constants[node.inputs[1].name]
+    return int(min(32, max(4, -(-(4 << 20) // max(w.numel() * w.element_size(), 1)))))
+
+
+def _layer_graph(graph: Graph, node: Node, shape, reps: int) -> Graph:
+    """``reps`` independent copies of ``node`` (each with its own weight, as in a model) on
+    one input, each copy an output."""
     g = Graph(f"{node.op}_alone")
     xv = node.inputs[0]
     x = g.add_input("x", TensorType(tuple(int(d) for d in shape), xv.dtype))
-    ins = [x]
-    for v in node.inputs[1:]:
-        ins.append(None if v is None else g.add_constant(v.name, graph.constants[v.name]))
-    out = g.add_node(node.op, ins, dict(node.attrs), name=node.name).outputs[0]
-    g.outputs = [out]
+    outs = []
+    for r in range(reps):
+        ins = [x]
+        for v in node.inputs[1:]:
+            ins.append(None if v is None else g.add_constant(f"{v.name}.{r}",
+                                                             graph.constants[v.name].clone()))
+        outs.append(g.add_node(node.op, ins, dict(node.attrs), name=f"{node.name}_{r}").outputs[0])
+    g.outputs = outs
     return g
 
 
@@ -129,7 +144,8 @@ def _compile_and_time(g: Graph, target: str, cfg, x) -> float:
 
 def layer_latency(graph: Graph, node: Node, shapes: dict, target: str, lc, config=None) -> float:
     """Milliseconds of ``node`` alone on ``target`` with layer config ``lc`` (None: float),
-    for the input shape recorded in ``shapes``; the empty-call overhead is subtracted."""
+    for the input shape recorded in ``shapes``: a call running ``copies()`` copies of it, less
+    an empty call's time, divided by the copies."""
     shape = shapes[node.inputs[0].name]
     wv = node.inputs[1]
     cfg = _layer_config(lc, config)
@@ -137,14 +153,16 @@ def layer_latency(graph: Graph, node: Node, shapes: dict, target: str, lc, confi
                       "w": list(wv.type.shape), "wdtype": wv.dtype,
                       "bias": len(node.inputs) > 2 and node.inputs[2] is not None,
                       "attrs": {k: repr(v) for k, v in sorted(node.attrs.items())},
+                      "copies": copies(graph, node),
                       "config": None if cfg is None else
                       {k: repr(v) for k, v in sorted(cfg.to_dict().items())}}, sort_keys=True)
     hit = _cached(key)
     if hit is not None:
         return hit
     x = _example(shape, node.inputs[0].dtype)
-    t = _compile_and_time(_layer_graph(graph, node, shape), target, cfg, x)
-    ms = max(t - _empty_latency(target, shape, node.inputs[0].dtype), 0.0)
+    reps = copies(graph, node)
+    t = _compile_and_time(_layer_graph(graph, node, shape, reps), target, cfg, x)
+    ms = max(t - _empty_latency(target, shape, node.inputs[0].dtype), 0.0) / reps
     _store(key, ms)
     return ms
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qcompile.errors import PassError, QCompileError
+from qcompile.errors import ConfigError, PassConfigError, PassError, QCompileError
 from qcompile.ir.graph import Graph
 from qcompile.ir.verify import verify
 
@@ -93,7 +93,8 @@ class PassManager:
                 after = f" after [{', '.join(done)}]" if done else " (first pass)"
                 kind = type(e).__name__
                 msg = str(e) if isinstance(e, QCompileError) else f"{kind}: {e}"
-                raise PassError(f"in pass {name}{after}: {msg}") from e
+                cls = PassConfigError if isinstance(e, ConfigError) else PassError
+                raise cls(f"in pass {name}{after}: {msg}") from e
             self.records.append(PassRecord(name, time.perf_counter() - t0, before, len(graph.nodes)))
             done.append(name)
             if self.verify:

@@ -179,16 +179,22 @@ def solve_ilp(p: PrecisionProblem, *, time_limit: float = 60.0) -> tuple[list[in
 
 
 def exhaustive(p: PrecisionProblem) -> tuple[list[int] | None, float]:
-    """The best assignment by enumeration (tests; small problems only)."""
-    best, val = None, math.inf
+    """The best assignment by enumerating every combination (tests; small problems only)."""
     opts = [np.flatnonzero(p.group_allowed(g)) for g in p.groups]
-    for combo in itertools.product(*opts):
-        a = p.assignment_of(dict(enumerate(int(c) for c in combo)))
-        if all(p.metric(k, a) <= lim * (1 + 1e-9) for k, lim in p.limits.items()):
-            o = p.objective(a)
-            if o < val:
-                best, val = a, o
-    return best, val
+    grids = np.meshgrid(*opts, indexing="ij")
+    combos = np.stack([g.reshape(-1) for g in grids], axis=1)  # [n, groups] choice per group
+    assign = np.zeros((combos.shape[0], len(p.layers)), dtype=np.int64)
+    for gi, g in enumerate(p.groups):
+        assign[:, g] = combos[:, [gi]]
+    rows = np.arange(len(p.layers))
+    obj = p.omega[rows, assign].sum(1)
+    ok = np.ones(len(obj), bool)
+    for k, lim in p.limits.items():
+        ok &= p.offsets[k] + p.costs[k][rows, assign].sum(1) <= lim * (1 + 1e-9)
+    if not ok.any():
+        return None, math.inf
+    j = int(np.flatnonzero(ok)[np.argmin(obj[ok])])
+    return assign[j].tolist(), float(obj[j])
 
 
 def clado_matrix(p: PrecisionProblem, single: dict, pair: dict, *, psd: bool = True

@@ -107,17 +107,19 @@ def _weights(graph: Graph, layers: Sequence[Node]) -> dict[str, torch.Tensor]:
 def _hvp(loss: SensitivityLoss, params: dict[str, torch.Tensor],
          vs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``H v`` of the mean loss (blocks by constant name), accumulated over the samples."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     names = list(params)
     out = {k: torch.zeros_like(p) for k, p in params.items()}
     S = len(loss.samples)
     for s in range(S):
-        lo = loss.per_sample(s, params) / S
-        grads = torch.autograd.grad(lo, [params[k] for k in names], create_graph=True,
-                                    allow_unused=True)
-        gv = sum((g * vs[k]).sum() for k, g in zip(names, grads) if g is not None)
-        if not isinstance(gv, torch.Tensor) or not gv.requires_grad:
-            continue  # the loss does not depend on these weights (to second order)
-        hv = torch.autograd.grad(gv, [params[k] for k in names], allow_unused=True)
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernels have no double backward
+            lo = loss.per_sample(s, params) / S
+            grads = torch.autograd.grad(lo, [params[k] for k in names], create_graph=True,
+                                        allow_unused=True)
+            gv = sum((g * vs[k]).sum() for k, g in zip(names, grads) if g is not None)
+            if not isinstance(gv, torch.Tensor) or not gv.requires_grad:
+                continue  # the loss does not depend on these weights (to second order)
+            hv = torch.autograd.grad(gv, [params[k] for k in names], allow_unused=True)
         for k, h in zip(names, hv):
             if h is not None:
                 out[k] += h.detach()

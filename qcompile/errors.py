@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "QCompileError", "CaptureError", "UnsupportedOpError", "VerificationError", "PassError",
     "BackendError", "ArtifactError", "ConfigError", "InputError", "QuantizationError",
+    "PassConfigError",
 ]
 
 
@@ -59,3 +60,8 @@ class InputError(QCompileError):
 class QuantizationError(QCompileError):
     """A tensor cannot be quantized as asked: non-finite values under the ``raise`` policy,
     parameters that do not fit the tensor, codes out of range, a corrupt packed buffer."""
+
+
+class PassConfigError(PassError, ConfigError):
+    """A pass refused the configuration it was given (an infeasible budget, conflicting
+    overrides): a ``PassError`` naming the pass and a ``ConfigError`` saying what to change."""
