@@ -258,13 +258,13 @@ def solve_clado(p: PrecisionProblem, var: list, G: np.ndarray, *, time_limit: fl
 def _onehot_rows_ext(p, var, n):
     from scipy.optimize import LinearConstraint
     A = _onehot_rows(p, var, len(var)).A
-    from scipy.sparse import hstack, csr_array
+    from scipy.sparse import csr_array, hstack
     return LinearConstraint(hstack([A, csr_array((A.shape[0], n - len(var)))]).tocsr(), 1.0, 1.0)
 
 
 def _budget_rows_ext(p, var, n):
     from scipy.optimize import LinearConstraint
-    from scipy.sparse import hstack, csr_array
+    from scipy.sparse import csr_array, hstack
     out = []
     for lc in _budget_rows(p, var, len(var)):
         A = hstack([lc.A, csr_array((1, n - len(var)))]).tocsr()
@@ -309,6 +309,7 @@ def plot_plan(plan: PrecisionPlan, path, *, pareto: Sequence[dict] | None = None
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     from qcompile.formats import get
     ncols = 2 if pareto else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 3.6), squeeze=False)
@@ -544,31 +545,47 @@ def build_problem(graph: Graph, config: QuantConfig, budget: Budget, sample, *,
     return prob, info, deq
 
 
+@dataclass
+class _Formats:
+    """A stand-in plan for ``quantize_weights``: formats by node name."""
+
+    formats: dict
+
+
 def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, *, progress):
+    """Per-layer latencies of every allowed choice, and the rest of the model: the latency of
+    the whole model quantized at a reference assignment (each layer's first allowed choice),
+    less its layers' latencies. The reference is quantized, not float, so that what the
+    quantized kernels do not fuse (epilogues the float kernels absorb) counts in the rest."""
     from qcompile.backends.latency import LATENCY_TARGETS, layer_latency, model_latency
+    from qcompile.passes.quantize_activations import quantize_activations
+    from qcompile.passes.quantize_weights import quantize_weights
     if target not in LATENCY_TARGETS:
         raise ConfigError(f"a latency budget needs latencies measured on a target that runs "
                           f"here ({', '.join(LATENCY_TARGETS)}); got {target!r}",
                           hint="compile for 'cpu' or 'lut', or set Budget.latency_target")
     L, C = allowed.shape
     lat = np.zeros((L, C))
-    work = [(i, c) for i in range(L) for c in range(C) if allowed[i, c]] + \
-        [(i, None) for i in range(L)]
+    work = [(i, c) for i in range(L) for c in range(C) if allowed[i, c]]
     it = work
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(work, desc=f"mixed precision: latency on {target}", leave=False, unit="kernel")
-    float_sum = 0.0
     for i, c in it:
-        q = layers[i]
-        lc = q.lc if c is None else dataclasses.replace(q.lc, weights=choices[c])
-        ms = layer_latency(graph, q.node, shapes, target, None if c is None else lc, config)
-        if c is None:
-            float_sum += ms
-        else:
-            lat[i, c] = ms
-    total = model_latency(graph, sample, target)
-    return lat, total - float_sum
+        lc = dataclasses.replace(layers[i].lc, weights=choices[c])
+        lat[i, c] = layer_latency(graph, layers[i].node, shapes, target, lc, config)
+    ref = [int(np.flatnonzero(allowed[i])[0]) if allowed[i].any() else None for i in range(L)]
+    formats = {q.node.name: choices[c] for q, c in zip(layers, ref) if c is not None}
+    g = graph.clone()
+    g.meta["mixed_precision"] = _Formats(formats)
+    g = quantize_weights(g, config=dataclasses.replace(config, mixed_precision=None),
+                         progress=False)
+    if config.activations is not None or any(isinstance(o, dict) and o.get("activations")
+                                             for o in config.overrides.values()):
+        g = quantize_activations(g, config=config)
+    g.meta.clear()
+    total = model_latency(g, sample, target)
+    return lat, total - sum(lat[i, c] for i, c in enumerate(ref) if c is not None)
 
 
 # -- CLADO's measurements -----------------------------------------------------------------------
@@ -607,7 +624,7 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
     """Choose each layer's weight format for ``config.mixed_precision``; the plan goes to
     ``graph.meta["mixed_precision"]`` for ``quantize_weights``."""
     from qcompile.passes.calibrate import as_positional
-    from qcompile.passes.sensitivity import hessian_traces, make_loss, omega, top_eigenvalues
+    from qcompile.passes.sensitivity import hessian_traces, make_loss, top_eigenvalues
     config = QuantConfig.coerce(config)
     budget = config.mixed_precision
     if budget is None:

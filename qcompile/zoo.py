@@ -7,7 +7,8 @@ import os
 
 import torch
 
-__all__ = ["minilm", "minilm_batches", "tiny_llama", "mlp", "digits_cnn", "DigitsCNN", "SENTENCES"]
+__all__ = ["minilm", "minilm_batches", "tiny_llama", "mlp", "digits_cnn", "DigitsCNN",
+           "digits_convnet", "SENTENCES"]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -116,3 +117,29 @@ def digits_cnn(epochs: int = 4, seed: int = 0):
     with torch.no_grad():
         acc = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
     return model, x[1400:], y[1400:], acc
+
+
+def digits_convnet(epochs: int = 25, seed: int = 0):
+    """Three convolutions and two linears (conv 1→16→32, pool, conv 32→32, fc 512→64→10),
+    trained on scikit-learn's digits (the first 1400 images, shuffled minibatches of 32, Adam):
+    about 96% held-out accuracy in a few seconds. Returns (model, images [1797, 1, 8, 8],
+    labels); images 1400 onwards are held out."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(seed)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(1400, generator=gen)
+        for i in range(0, 1400, 32):
+            j = perm[i:i + 32]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x[j]), y[j]).backward()
+            opt.step()
+    return m.eval(), x, y

@@ -56,7 +56,8 @@ class SparseWeight:
     """A weight in the sparse (``masks`` not None) or dense layout.
 
     ``values``: uint16 bf16 bits or int8 codes; ``masks``: uint32/uint64 ``[tiles_n, rows]``;
-    ``offsets``: int64 ``[tiles_n + 1]``; ``scale``/``colsum``: per output, zero-padded to whole tiles of 16 (int8 only)."""
+    ``offsets``: int64 ``[tiles_n + 1]``; ``scale``/``colsum``: per output, zero-padded to whole
+    tiles of 16 (int8 only)."""
 
     kind: str  # "bf16" | "int8"
     n: int

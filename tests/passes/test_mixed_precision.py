@@ -278,25 +278,8 @@ def _apply(g, plan, formats, cfg):
 
 @pytest.fixture(scope="module")
 def digits_cnn():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    nn = torch.nn
-    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(25):
-        perm = torch.randperm(1400, generator=gen)
-        for i in range(0, 1400, 32):
-            j = perm[i:i + 32]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x[j]), y[j]).backward()
-            opt.step()
-    m.eval()
+    from qcompile import zoo
+    m, x, y = zoo.digits_convnet()  # trained here: a few seconds
     with torch.no_grad():
         assert (m(x[1400:]).argmax(1) == y[1400:]).float().mean() > 0.93
     g = qcompile.capture(m, (x[:64],), dynamic_shapes=({0: torch.export.Dim("b", max=4096)},))
