@@ -143,9 +143,11 @@ def _layer_config(lc, config):
 
 def _compile_and_time(g: Graph, target: str, cfg, x) -> float:
     from qcompile.api import compile as qcompile_compile
-    cal = [(x,)] if cfg is not None and cfg.activations is not None else None
-    cm = qcompile_compile(g, target, config=cfg, calibration=cal)
-    return time_call(cm.run, (x,))
+    from qcompile.passes.pipeline import quantize_graph
+    if cfg is not None:
+        cal = [(x,)] if cfg.activations is not None else None
+        g = quantize_graph(g, cfg, cal, progress=False)[0]
+    return time_call(qcompile_compile(g, target).run, (x,))
 
 
 def layer_latency(graph: Graph, node: Node, shapes: dict, target: str, lc, config=None) -> float:

@@ -71,3 +71,62 @@ def test_a_format_that_does_not_fit_names_the_layer(mlp_graph):
         run_passes(mlp_graph, ["quantize_weights"],
                    options={"quantize_weights": {"config": cfg, "progress": False}})
     assert "skip" in str(e.value)
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 4, 3, groups=4), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 4 * 4, 5)).eval()
+    return m, torch.randn(2, 3, 6, 6)
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8", "uint3"])
+def test_conv_weights_are_quantized_per_output_channel(weights):
+    import qcompile
+    m, x = _conv_net()
+    g = qcompile.capture(m, (x,))
+    cfg = QuantConfig(weights=weights, group_size=16)
+    q = run_passes(g.clone(), ["quantize_weights"],
+                   options={"quantize_weights": {"config": cfg, "progress": False}})
+    convs = [n for n in q.nodes if n.op == "conv"]
+    floats = [n for n in g.nodes if n.op == "conv"]
+    assert len(convs) == 2
+    for n, f in zip(convs, floats):
+        spec = n.inputs[1].quant
+        assert spec is not None and spec.axis == (1, 2, 3)
+        assert spec.granularity.value == "per_channel"
+        w = g.constants[f.inputs[1].name]
+        fmt = formats.get(weights, granularity="per_channel")
+        want = fmt.fake_quant(w, (1, 2, 3))
+        assert torch.equal(q.constants[n.inputs[1].name], want)
+        assert q.constants[spec.scale].numel() == w.shape[0]  # one scale per output channel
+    # the interpreter reproduces the stored weights; the conv output follows
+    assert torch.equal(convs[0].inputs[1].quant.fake_quant(q.constants[convs[0].inputs[1].name],
+                                                           q.constants),
+                       q.constants[convs[0].inputs[1].name])
+    assert "per_channel" in q.meta["quantize_weights"][convs[0].name]
+
+
+def test_block_formats_leave_convs_in_float_on_record():
+    import qcompile
+    m, x = _conv_net()
+    g = qcompile.capture(m, (x,))
+    q = run_passes(g.clone(), ["quantize_weights"], options={"quantize_weights": {
+        "config": QuantConfig(weights="mxfp4"),
+        "progress": False}})
+    convs = [n for n in q.nodes if n.op == "conv"]
+    assert all(n.inputs[1].quant is None for n in convs)
+    assert all("needs a single axis" in q.meta["quantize_weights"][n.name] for n in convs)
+    lin = next(n for n in q.nodes if n.op == "linear")
+    assert lin.inputs[1].quant is not None
+
+
+def test_quantized_convs_on_cpu_equal_the_interpreter():
+    pytest.importorskip("tvm")
+    import qcompile
+    m, x = _conv_net()
+    cm = qcompile.compile(m, "cpu", example_inputs=(x,), config=QuantConfig(weights="int4",
+                                                                            group_size=16))
+    ref = Interpreter(cm.graph).run(x)[0]
+    torch.testing.assert_close(cm(x), ref, rtol=1e-5, atol=1e-5)
