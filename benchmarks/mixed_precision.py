@@ -5,9 +5,10 @@ assignments, and latency budgets checked against the compiled model, in one run.
   limit), HiGHS through ``scipy.optimize.milp``; goal: 200 layers × 4 choices in ≤ 1 s.
 - **quality**: the digits convnet (``zoo.digits_convnet``, trained here; loss: KL of the
   held-out logits to the float model's) and all-MiniLM-L6-v2 (MSE of both outputs to the fp32
-  model on the 32 first ``EVALUATION`` sentences) under average-bits budgets: HAWQ-V3 (and, on
-  the convnet, CLADO) against uniform formats and random assignments within 0.5 bit below the
-  budget. The sensitivities are computed once per model; the Pareto front re-solves the
+  model on the 32 first ``EVALUATION`` sentences) under average-bits budgets: HAWQ-V3, the same
+  program on OHQ's measured single-layer sensitivities, and (on the convnet) CLADO, against
+  uniform formats and random assignments within 0.5 bit below the budget. The sensitivities
+  are computed once per model; the Pareto front re-solves the
   program per budget and measures each result.
 - **latency**: MiniLM (batch 1, 32 tokens) on ``cpu`` and a small Llama (batch 1, 8 tokens) on
   ``lut``: per-layer latencies measured from the kernels, budgets at 25/50/75% between the
@@ -104,18 +105,23 @@ def _randoms(plan, lo, hi, k, seed):
 
 
 def _quality_model(name, g, cal, labels, measure, budgets, uniform, args, clado: bool):
-    cfg_of = lambda b, method="hawq-v3": QuantConfig(  # noqa: E731
-        group_size=None, mixed_precision=Budget(avg_bits=b, samples=len(cal),
+    cfg_of = lambda b, method="hawq-v3", sens="trace": QuantConfig(  # noqa: E731
+        group_size=None, mixed_precision=Budget(avg_bits=b, samples=len(cal), sensitivity=sens,
                                                 max_iters=args.probes, method=method))
     t = time.perf_counter()
     qg, _ = quantize_graph(g.clone(), cfg_of(budgets[0]), cal, labels=labels, progress=True)
     plan = qg.meta["mixed_precision"]
     sens_s = time.perf_counter() - t
+    qm, _ = quantize_graph(g.clone(), cfg_of(budgets[0], sens="measured"), cal, labels=labels,
+                           progress=True)
+    mplan = qm.meta["mixed_precision"]
     rows = []
     for b in budgets:
         fm, pred, got = _resolve(plan, b)
         row = {"model": name, "budget": b, "avg_bits": got, "predicted": pred,
                "hawq": measure(_with_formats(g, plan, fm, cfg_of(b))), "formats": fm}
+        mf = _resolve(mplan, b)[0]
+        row["measured_sensitivity"] = measure(_with_formats(g, mplan, mf, cfg_of(b)))
         if b in uniform:
             u, _ = quantize_graph(g.clone(), QuantConfig(weights=uniform[b], group_size=None),
                                   None, progress=False)
@@ -171,10 +177,11 @@ def section_quality(args) -> tuple[list[dict], dict]:
         out += rows
         plans["MiniLM"] = (plan, rows, s)
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
-    table(["model", "avg bits", "pred ΣΩ", "HAWQ-V3", "CLADO", "uniform", "random best",
-           "random median"],
+    table(["model", "avg bits", "pred ΣΩ", "HAWQ-V3", "ILP + measured Ω", "CLADO", "uniform",
+           "random best", "random median"],
           [[r["model"], f"{r['avg_bits']:.2f}", fmt(r["predicted"]), fmt(r["hawq"]),
-            fmt(r.get("clado")), fmt(r.get("uniform")), fmt(r.get("random_best")),
+            fmt(r["measured_sensitivity"]), fmt(r.get("clado")), fmt(r.get("uniform")),
+            fmt(r.get("random_best")),
             fmt(r.get("random_median"))] for r in out])
     return out, plans
 
@@ -254,7 +261,7 @@ def plot_quality(plans: dict, path: Path) -> list[Path]:
         shown = dataclasses.replace(plan, formats=mid["formats"], layers=[
             dict(r, format=mid["formats"][r["node"]]) for r in plan.layers])
         pareto = [{"budget": r["avg_bits"], "predicted": r["predicted"], "measured": r["hawq"],
-                   "unit": "average weight bits"} for r in rows]
+                   "uniform": r.get("uniform"), "unit": "average weight bits"} for r in rows]
         p = path.with_name(f"{path.stem}_{name.split()[0].lower()}.png")
         plot_plan(shown, p, pareto=pareto)
         out.append(p)

@@ -20,6 +20,10 @@ on a convolution) is not offered to it.
 budgets, with HAWQ-V2's ``Ω_ic = Tr(H_ii)/n_i·‖Q_c(W_i) − W_i‖²`` (``qcompile.passes.
 sensitivity``), as a MILP solved by HiGHS (``scipy.optimize.milp``).
 
+With ``sensitivity="measured"`` the ILP's ``Ω_ic`` is the loss increase measured with only
+layer ``i`` quantized at ``c`` (OHQ, Huang et al., CVPR 2024: sensitivity by masking), for the
+regimes (2 bits) where the quadratic model underestimates by orders of magnitude.
+
 **CLADO** (Deng et al., DAC 2025, §3): ``ΔL_p`` (one layer group quantized at one choice)
 and ``ΔL_pq`` (two together) from forward passes on the calibration samples give
 ``G_pp = 2ΔL_p``, ``G_pq = ΔL_pq − ΔL_p − ΔL_q`` (zero within a group), so ``xᵀGx ≈ 2ΔL``;
@@ -305,7 +309,8 @@ class PrecisionPlan:
 
 def plot_plan(plan: PrecisionPlan, path, *, pareto: Sequence[dict] | None = None):
     """A figure of the bits chosen per layer and, given ``pareto`` rows (``budget``,
-    ``predicted``, optional ``measured``), the Pareto front; saved to ``path``."""
+    ``predicted``, optional ``measured`` and ``uniform``: the measured loss of a uniform format
+    at that budget), the Pareto front; saved to ``path``."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -329,6 +334,9 @@ def plot_plan(plan: PrecisionPlan, path, *, pareto: Sequence[dict] | None = None
             ax2 = ax.twinx()
             ax2.plot(xs, [r.get("measured", np.nan) for r in pareto], "s--", color="C1",
                      label="measured loss")
+            uni = [(r["budget"], r["uniform"]) for r in pareto if r.get("uniform") is not None]
+            if uni:
+                ax2.plot(*zip(*uni), "x", color="C3", markersize=9, label="uniform format")
             ax2.set_ylabel("measured loss")
             ax2.legend(loc="upper center")
         ax.set_xlabel(pareto[0].get("unit", "budget"))
@@ -617,6 +625,23 @@ def clado_measure(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *,
     return single, pair
 
 
+def measure_layers(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *,
+                   progress: bool = True) -> np.ndarray:
+    """OHQ's sensitivity (Huang et al., CVPR 2024, §3.2, with the calibration loss in place of
+    its KL): ``Ω_ic = max(L(W_i ← Q_c(W_i)) − L(W), 0)``, every other layer in float."""
+    out = np.zeros_like(p.omega)
+    work = [(i, c) for i in range(len(p.layers)) for c in np.flatnonzero(p.allowed[i])]
+    if progress:
+        from tqdm.auto import tqdm
+        work = tqdm(work, desc="measured sensitivity", leave=False, unit="eval")
+    with torch.no_grad():
+        base = float(loss(None))
+        for i, c in work:
+            dl = float(loss({layers[i].node.inputs[1].name: deq[(i, int(c))]})) - base
+            out[i, c] = max(dl, 0.0)
+    return out
+
+
 # -- the pass ---------------------------------------------------------------------------------
 @register_pass("mixed_precision")
 def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None,
@@ -635,29 +660,37 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
     samples = [as_positional(graph, x, i) for i, x in enumerate(data[:budget.samples])]
     labs = None if labels is None else list(labels)[:len(samples)]
     t0 = time.perf_counter()
+    measured = budget.method == "clado" or budget.sensitivity == "measured"
     prob, info, deq = build_problem(graph, config, budget, samples[0], target=target,
-                                    keep_weights=budget.method == "clado", progress=progress)
+                                    keep_weights=measured, progress=progress)
     prob.check_feasible()  # before the costly sensitivities
     layers: list[_Layer] = info["layers"]
     loss = make_loss(graph, samples, labs, budget.loss)
     nodes = [q.node for q in layers]
-    if budget.sensitivity == "trace":
-        tr = hessian_traces(graph, nodes, loss, max_iters=budget.max_iters, tol=budget.tol,
-                            seed=budget.seed, progress=progress)
-        curv = {k: v / graph.constants[k].numel() for k, v in tr.traces.items()}
-        extra = {"probes": tr.probes}
+    extra = {}
+    curv = {q.node.inputs[1].name: math.nan for q in layers}
+    if budget.method == "clado":
+        single, pair = clado_measure(prob, layers, deq, loss, progress=progress)
+        for (g, c), dl in single.items():  # shown per layer: a group's ΔL shared evenly
+            for i in prob.groups[g]:
+                prob.omega[i, c] = max(dl, 0.0) / len(prob.groups[g])
+    elif budget.sensitivity == "measured":
+        prob.omega[:] = measure_layers(prob, layers, deq, loss, progress=progress)
     else:
-        curv = top_eigenvalues(graph, nodes, loss, max_iters=budget.max_iters, tol=budget.tol,
-                               seed=budget.seed, progress=progress)
-        extra = {}
+        if budget.sensitivity == "trace":
+            tr = hessian_traces(graph, nodes, loss, max_iters=budget.max_iters, tol=budget.tol,
+                                seed=budget.seed, progress=progress)
+            curv = {k: v / graph.constants[k].numel() for k, v in tr.traces.items()}
+            extra = {"probes": tr.probes}
+        else:
+            curv = top_eigenvalues(graph, nodes, loss, max_iters=budget.max_iters,
+                                   tol=budget.tol, seed=budget.seed, progress=progress)
+        for i, q in enumerate(layers):
+            prob.omega[i] = max(curv[q.node.inputs[1].name], 0.0) * info["err"][i]
     sens_s = time.perf_counter() - t0
-    for i, q in enumerate(layers):
-        s = curv[q.node.inputs[1].name]
-        prob.omega[i] = max(s, 0.0) * info["err"][i]
     if budget.method == "hawq-v3":
         assign, solve = solve_ilp(prob, time_limit=budget.time_limit)
     else:
-        single, pair = clado_measure(prob, layers, deq, loss, progress=progress)
         var, G = clado_matrix(prob, single, pair)
         assign, solve = solve_clado(prob, var, G, time_limit=budget.time_limit)
     solve.update(extra, sensitivity_s=round(sens_s, 3))
@@ -666,7 +699,8 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
         rows.append({"layer": q.node.provenance.module or q.node.name, "node": q.node.name,
                      "format": prob.choices[c],
                      "params": graph.constants[q.node.inputs[1].name].numel(),
-                     "curvature": float(curv[q.node.inputs[1].name]),
+                     "curvature": None if math.isnan(cv := float(curv[q.node.inputs[1].name]))
+                     else cv,
                      "omega": float(prob.omega[i, c]), "fixed": q.fixed is not None,
                      **{k: float(prob.costs[k][i, c]) for k in prob.costs}})
     predicted = {"omega": prob.objective(assign),

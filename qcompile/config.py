@@ -29,7 +29,7 @@ _LAYER_FIELDS = ("weights", "group_size", "weight_options", "activations",
                  "activation_granularity", "algorithm", "sparsity", "sparsity_method")
 SPARSITY_METHODS = ("wanda", "magnitude", "2:4")
 PRECISION_METHODS = ("hawq-v3", "clado")
-SENSITIVITIES = ("trace", "eigenvalue")
+SENSITIVITIES = ("trace", "eigenvalue", "measured")
 LOSSES = ("auto", "task", "kl", "mse")
 _BUDGET_LIMITS = ("avg_bits", "size_mb", "gbops", "latency_ms")
 
@@ -50,8 +50,10 @@ class Budget:
       group size and options come from the config (block formats carry their own).
     - ``method``: ``"hawq-v3"`` (HAWQ-V2 sensitivities, integer linear program) or
       ``"clado"`` (measured cross-layer interactions, quadratic program).
-    - ``sensitivity``: ``"trace"`` (HAWQ-V2: Hutchinson's ``Tr(H)/n``) or ``"eigenvalue"``
-      (Q-BERT: the top Hessian eigenvalue by power iteration); ``loss``: ``"task"`` (cross
+    - ``sensitivity``: ``"trace"`` (HAWQ-V2: Hutchinson's ``Tr(H)/n``), ``"eigenvalue"``
+      (Q-BERT: the top Hessian eigenvalue by power iteration) or ``"measured"`` (OHQ: the
+      loss increase with only that layer quantized, one forward pass per layer and format —
+      where the quadratic model fails, as at 2 bits); ``loss``: ``"task"`` (cross
       entropy, or MSE for float labels; needs ``labels``), ``"kl"`` or ``"mse"`` to the float
       model's output, ``"auto"``: task with labels, else MSE; ``samples``: calibration samples
       the sensitivities and CLADO's measurements use; ``max_iters`` / ``tol``: Hutchinson's

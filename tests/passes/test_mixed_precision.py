@@ -235,6 +235,48 @@ def test_overrides_pin_layers_and_size_budget_counts_scales():
     assert plan.predicted["size_mb"] <= 0.02
 
 
+def test_measured_sensitivity_is_the_single_layer_loss_increase():
+    from qcompile.formats import get
+    from qcompile.passes.sensitivity import make_loss
+    g, data = _qkv_graph()
+    cfg = QuantConfig(group_size=32, mixed_precision=Budget(
+        avg_bits=4, candidates=("int2", "int4", "int8"), sensitivity="measured", samples=2))
+    qg, _ = quantize_graph(g.clone(), cfg, data, progress=False)
+    plan = qg.meta["mixed_precision"]
+    p = plan.problem
+    loss = make_loss(g, [[d] for d in data[:2]], None, "mse")
+    for i, name in enumerate(p.layers):
+        w = g.constants[f"{name}.weight"]
+        for c, f in enumerate(p.choices):
+            wq = get(f, group_size=32).fake_quant(w)
+            with torch.no_grad():
+                assert p.omega[i, c] == pytest.approx(float(loss({f"{name}.weight": wq})),
+                                                      rel=1e-6, abs=1e-12)
+    assert all(r["curvature"] is None for r in plan.layers)
+    assert plan.predicted["avg_bits"] <= 4
+
+
+def test_block_format_candidates_with_gptq():
+    g, data = _qkv_graph()
+    cfg = QuantConfig(group_size=32, algorithm="gptq", mixed_precision=Budget(
+        avg_bits=4.2, candidates=("int3", "mxfp4", "nvfp4", "int8"), samples=1, max_iters=5))
+    qg, _ = quantize_graph(g.clone(), cfg, data, progress=False)
+    plan = qg.meta["mixed_precision"]
+    assert set(plan.formats.values()) <= {"int3", "mxfp4", "nvfp4", "int8"}
+    assert plan.predicted["avg_bits"] <= 4.2
+    report = qg.meta["quantize_weights"]
+    for n in qg.nodes:
+        if n.op == "linear":
+            assert n.inputs[1].quant.format == plan.formats[n.name]
+            assert report[n.name].startswith("gptq ")
+    # every candidate's Ω and storage are known; the block formats' scales count in the size
+    p = plan.problem
+    j = p.choices.index("nvfp4")
+    per = p.costs["size_mb"][0, j] * 1e6 * 8 / g.constants["inp.weight"].numel()
+    # 4-bit codes, an 8-bit E4M3 scale per 16, and one fp32 tensor scale over 64×64
+    assert per == pytest.approx(4 + 8 / 16 + 32 / 4096)
+
+
 def test_eigenvalue_sensitivity_and_toml_round_trip(tmp_path):
     g, data = _qkv_graph()
     cfg = QuantConfig(group_size=32, mixed_precision={"gbops": 0.05, "sensitivity": "eigenvalue",
@@ -312,6 +354,11 @@ def test_digits_cnn_hawq_beats_uniform_and_random_at_equal_bits(digits_cnn):
     assert hawq < _kl_to_float(g, uni, held)
     for fm in _random_assignments(plan, 3.5, 4.0, 4):
         assert hawq < _kl_to_float(g, _apply(g, plan, fm, cfg), held)
+    # OHQ's measured sensitivity, on the same budget, does at least as well here
+    mcfg = QuantConfig(group_size=None, mixed_precision=Budget(avg_bits=4.0, samples=4,
+                                                               sensitivity="measured"))
+    mq, _ = quantize_graph(g.clone(), mcfg, cal, labels=labels, progress=False)
+    assert _kl_to_float(g, mq, held) <= hawq
 
 
 @pytest.fixture(scope="module")
