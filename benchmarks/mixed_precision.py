@@ -8,12 +8,15 @@ assignments, and latency budgets checked against the compiled model, in one run.
   model on the 32 first ``EVALUATION`` sentences) under average-bits budgets: HAWQ-V3, the same
   program on OHQ's measured single-layer sensitivities, and (on the convnet) CLADO, against
   uniform formats and random assignments within 0.5 bit below the budget. The sensitivities
-  are computed once per model; the Pareto front re-solves the
-  program per budget and measures each result.
+  are computed once per model; the Pareto front re-solves the program per budget and
+  measures each result.
 - **latency**: MiniLM (batch 1, 32 tokens) on ``cpu`` and a small Llama (batch 1, 8 tokens) on
   ``lut``: per-layer latencies measured from the kernels, budgets at 25/50/75% between the
-  cheapest and the dearest assignment; each chosen model is compiled and timed, and its
-  latency set beside the program's predicted sum (goal: within 10%).
+  cheapest and the dearest assignment; each chosen model, and the reference assignment the
+  rest of the model was derived from, is compiled and timed round-robin (median of
+  ``--latency-reps`` rounds), and its latency set beside the program's predicted sum (goal:
+  within 10%). "gap vs ref" divides out the machine's drift since the per-layer measurements
+  (the reference model's own gap).
 
 Prints tables, writes JSON (``--out``) and plots beside it::
 
