@@ -95,10 +95,11 @@ def time_call(fn, args, *, min_time: float = 0.1, min_runs: int = 5, warmup: int
 
 
 def copies(graph: Graph, node: Node) -> int:
-    """How many copies of ``node`` one timed call runs: enough that their weights pass 4 MiB
-    (4 to 32 copies), so the runtime's per-call overhead, spread over them, stays small."""
+    """How many copies of ``node`` one timed call runs: enough that their float weights pass
+    32 MiB (8 to 64 copies), so the runtime's per-call overhead, spread over them, stays
+    small (with 4 copies of a 1024×2048 LUT layer it still added a quarter to its time)."""
     w = graph.constants[node.inputs[1].name]
-    return int(min(32, max(4, -(-(4 << 20) // max(w.numel() * w.element_size(), 1)))))
+    return int(min(64, max(8, -(-(32 << 20) // max(w.numel() * w.element_size(), 1)))))
 
 
 def _layer_graph(graph: Graph, node: Node, shape, reps: int) -> Graph:
@@ -147,7 +148,7 @@ def _compile_and_time(g: Graph, target: str, cfg, x) -> float:
     if cfg is not None:
         cal = [(x,)] if cfg.activations is not None else None
         g = quantize_graph(g, cfg, cal, progress=False)[0]
-    return time_call(qcompile_compile(g, target).run, (x,))
+    return time_call(qcompile_compile(g, target).run, (x,), rounds=9, min_time=0.15)
 
 
 def layer_latency(graph: Graph, node: Node, shapes: dict, target: str, lc, config=None) -> float:
