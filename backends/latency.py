@@ -48,7 +48,20 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}|{os.cpu_count()}|{os.environ.get('TVM_NUM_THREADS', '')}"
+    from qcompile import __version__
+    from qcompile.backends.lut.build import _threads
+    try:
+        from importlib.metadata import version
+        tvm = version("apache-tvm")
+    except Exception:
+        tvm = "none"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    # the thread count the kernels will use (TVM's pool and the LUT kernels read the same
+    # variables, then the affinity), resolved without starting TVM
+    return f"{model}|cores={cores}|threads={_threads()}|qcompile={__version__}|tvm={tvm}"
 
 
 def _load() -> dict:

@@ -155,11 +155,13 @@ def _milp(p: PrecisionProblem, cost, constraints, integrality, time_limit: float
     res = milp(cost, constraints=constraints, integrality=integrality,
                bounds=(0, 1), options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9,
                                        "disp": False})
-    if res.status == 2 or (res.x is None and res.status != 1):
+    if res.status == 2:
         least = {k: round(p.least(k), 6) for k in p.limits}
         raise ConfigError(f"mixed precision ({what}): the limits {p.limits} cannot all be met "
                           f"together; each alone can reach at least {least}",
                           hint="relax one of the limits")
+    if res.x is None and res.status != 1:
+        raise PassError(f"mixed precision ({what}): HiGHS failed: {res.message}")
     if res.x is None:
         raise ConfigError(f"mixed precision ({what}): HiGHS found no feasible assignment within "
                           f"the time limit of {time_limit:g} s",
@@ -201,18 +203,24 @@ def exhaustive(p: PrecisionProblem) -> tuple[list[int] | None, float]:
     return assign[j].tolist(), float(obj[j])
 
 
-def clado_matrix(p: PrecisionProblem, single: dict, pair: dict, *, psd: bool = True
+def clado_matrix(p: PrecisionProblem, single: dict, pair: dict, *, psd: bool = False
                  ) -> tuple[list, np.ndarray]:
     """CLADO's ``G`` over the variables (group, choice): ``single[(g, c)] = ΔL``,
-    ``pair[((g, c), (h, d))] = ΔL`` for ``g < h``; projected on the PSD cone when ``psd``."""
+    ``pair[((g, c), (h, d))] = ΔL`` for ``g < h``; projected on the PSD cone (negative
+    eigenvalues clamped, CLADO §3.3) when ``psd`` — which the exact linearisation of
+    ``solve_clado`` does not need, and which moves the objective on feasible points."""
     var = [tuple(map(int, v)) for v in _variables(p)]
     idx = {v: j for j, v in enumerate(var)}
+    finite = [v for v in list(single.values()) + list(pair.values()) if math.isfinite(v)]
+    big = 10.0 * max(map(abs, finite), default=1.0) + 1.0  # a broken pair: never chosen
     G = np.zeros((len(var), len(var)))
     for v, j in idx.items():
         G[j, j] = 2.0 * single[v]
     for (a, b), dl in pair.items():
+        if a not in idx or b not in idx:
+            continue
         i, j = idx[a], idx[b]
-        G[i, j] = G[j, i] = dl - single[a] - single[b]
+        G[i, j] = G[j, i] = (dl - single[a] - single[b]) if math.isfinite(dl) else big
     if psd:
         w, V = np.linalg.eigh((G + G.T) / 2)
         G = (V * np.clip(w, 0, None)) @ V.T
@@ -299,7 +307,8 @@ class PrecisionPlan:
     def __str__(self) -> str:
         lim = ", ".join(f"{k} ≤ {v:g}" for k, v in self.limits.items())
         pred = ", ".join(f"{k} {v:.4g}" for k, v in self.predicted.items())
-        lines = [f"mixed precision ({self.method}; {lim}): {pred}"]
+        note = "" if self.solve.get("optimal", True) else " [time limit: not proven optimal]"
+        lines = [f"mixed precision ({self.method}; {lim}): {pred}{note}"]
         w = max((len(r["layer"]) for r in self.layers), default=5)
         for r in self.layers:
             lines.append(f"  {r['layer']:<{w}}  {r['format']:<8} Ω={r['omega']:.3e}"
@@ -489,8 +498,9 @@ def _ties(graph: Graph, layers: list[_Layer], budget: Budget) -> list[list[int]]
         if len(fixed) > 1:
             names = ", ".join(layers[i].node.name for i in g)
             raise ConfigError(f"tied layers {names} are pinned to different formats "
-                              f"{sorted(fixed)}", hint="pin them alike, or untie them "
-                              "(Budget.tie_shared_inputs=False)")
+                              f"{sorted(fixed)}", hint="pin them alike, or untie them (drop "
+                              "the Budget.ties group, or set tie_shared_inputs=False for "
+                              "layers tied by a shared input)")
     return groups
 
 
@@ -521,11 +531,16 @@ def build_problem(graph: Graph, config: QuantConfig, budget: Budget, sample, *,
         af = q.lc.activation_format()
         abits = af.bits if af is not None else _dtype_bits(n.inputs[0].dtype)
         for c, name in enumerate(choices):
-            if q.fixed is not None and name != q.fixed:
-                continue
-            lc = dataclasses.replace(q.lc, weights=name)
-            qt = _quantized(n, lc, w, config)
+            if (q.fixed is not None and name != q.fixed) or \
+                    (q.fixed is None and name not in budget.candidates):
+                continue  # a format pinned elsewhere is no candidate here
+            qt = _quantized(n, q.lc.with_weights(name), w, config)
             if qt is None:
+                if q.fixed is not None:
+                    raise ConfigError(f"the pinned format {name} ({q.reason}) cannot quantize "
+                                      f"this layer's weight {list(w.shape)}", node=n,
+                                      hint="pin a format that fits it (block formats need a "
+                                           "single axis divisible by their block), or skip it")
                 continue
             allowed[i, c] = True
             wq = qt.dequantize(torch.float32)
@@ -535,15 +550,24 @@ def build_problem(graph: Graph, config: QuantConfig, budget: Budget, sample, *,
             bops[i, c] = macs * get(name).bits * abits
             if keep_weights:
                 deq[(i, c)] = wq
+    unused = [c for j, c in enumerate(choices) if c in budget.candidates and not allowed[:, j].any()]
+    if unused:
+        import warnings
+        warnings.warn(f"mixed precision: candidate(s) {unused} fit no layer (group sizes, block "
+                      f"formats on convolutions, or options they do not take)", stacklevel=2)
     decided = {q.node.inputs[1].name for q in layers}
     other = sum(t.numel() * t.element_size() for k, t in graph.constants.items()
                 if k not in decided)
     ntot = sum(graph.constants[q.node.inputs[1].name].numel() for q in layers)
     costs = {"avg_bits": bits / ntot, "size_mb": nbytes / 1e6, "gbops": bops / 1e9}
     offsets = {"avg_bits": 0.0, "size_mb": other / 1e6, "gbops": 0.0}
-    info = {"layers": layers, "groups": groups, "choices": choices, "err": err,
+    info = {"layers": layers, "groups": groups, "choices": choices, "err": err, "unused": unused,
             "shapes": shapes, "macs": [_macs(q.node, shapes) for q in layers]}
     if budget.latency_ms is not None:
+        early = PrecisionProblem([q.node.name for q in layers], choices, np.zeros((L, C)),
+                                 costs, offsets, {k: v for k, v in budget.limits().items()
+                                                  if k != "latency_ms"}, allowed, groups)
+        early.check_feasible()  # before minutes of measurements
         lat, rest = _latencies(graph, config, layers, choices, allowed, shapes, sample,
                                budget.latency_target or target, progress=progress)
         costs["latency_ms"], offsets["latency_ms"] = lat, rest
@@ -571,7 +595,8 @@ def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, 
     if target not in LATENCY_TARGETS:
         raise ConfigError(f"a latency budget needs latencies measured on a target that runs "
                           f"here ({', '.join(LATENCY_TARGETS)}); got {target!r}",
-                          hint="compile for 'cpu' or 'lut', or set Budget.latency_target")
+                          hint="compile for 'cpu', 'lut' or 'amx', or set "
+                               "Budget.latency_target")
     L, C = allowed.shape
     lat = np.zeros((L, C))
     work = [(i, c) for i in range(L) for c in range(C) if allowed[i, c]]
@@ -580,7 +605,7 @@ def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, 
         from tqdm.auto import tqdm
         it = tqdm(work, desc=f"mixed precision: latency on {target}", leave=False, unit="kernel")
     for i, c in it:
-        lc = dataclasses.replace(layers[i].lc, weights=choices[c])
+        lc = layers[i].lc.with_weights(choices[c])
         lat[i, c] = layer_latency(graph, layers[i].node, shapes, target, lc, config)
     ref = [int(np.flatnonzero(allowed[i])[0]) if allowed[i].any() else None for i in range(L)]
     formats = {q.node.name: choices[c] for q, c in zip(layers, ref) if c is not None}
@@ -625,12 +650,27 @@ def clado_measure(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *,
     return single, pair
 
 
+def _drop_non_finite(p: PrecisionProblem, layers, budget: Budget) -> None:
+    """A non-finite sensitivity (a loss that overflows at that format, a diverged estimate)
+    takes the choice off the table, with a warning naming the layer and format."""
+    bad = p.allowed & ~np.isfinite(p.omega)
+    if bad.any():
+        import warnings
+        hits = [f"{layers[i].node.name}@{p.choices[c]}" for i, c in zip(*np.nonzero(bad))]
+        warnings.warn(f"mixed precision: non-finite sensitivity ({budget.sensitivity}) for "
+                      f"{', '.join(hits)}; those choices are not offered", stacklevel=3)
+        p.allowed &= ~bad
+        p.omega[bad] = 0.0
+        p.check_feasible()
+
+
+
 def measure_layers(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *,
                    progress: bool = True) -> np.ndarray:
     """OHQ's sensitivity (Huang et al., CVPR 2024, §3.2, with the calibration loss in place of
     its KL): ``Ω_ic = max(L(W_i ← Q_c(W_i)) − L(W), 0)``, every other layer in float."""
     out = np.zeros_like(p.omega)
-    work = [(i, c) for i in range(len(p.layers)) for c in np.flatnonzero(p.allowed[i])]
+    work = [(i, c) for g in p.groups for i in g for c in np.flatnonzero(p.group_allowed(g))]
     if progress:
         from tqdm.auto import tqdm
         work = tqdm(work, desc="measured sensitivity", leave=False, unit="eval")
@@ -638,7 +678,7 @@ def measure_layers(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *
         base = float(loss(None))
         for i, c in work:
             dl = float(loss({layers[i].node.inputs[1].name: deq[(i, int(c))]})) - base
-            out[i, c] = max(dl, 0.0)
+            out[i, c] = dl if dl != dl else max(dl, 0.0)  # NaN stays: flagged by the caller
     return out
 
 
@@ -673,7 +713,8 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
         single, pair = clado_measure(prob, layers, deq, loss, progress=progress)
         for (g, c), dl in single.items():  # shown per layer: a group's ΔL shared evenly
             for i in prob.groups[g]:
-                prob.omega[i, c] = max(dl, 0.0) / len(prob.groups[g])
+                prob.omega[i, c] = (max(dl, 0.0) / len(prob.groups[g]) if math.isfinite(dl)
+                                    else math.nan)
     elif budget.sensitivity == "measured":
         prob.omega[:] = measure_layers(prob, layers, deq, loss, progress=progress)
     else:
@@ -686,14 +727,21 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
             curv = top_eigenvalues(graph, nodes, loss, max_iters=budget.max_iters,
                                    tol=budget.tol, seed=budget.seed, progress=progress)
         for i, q in enumerate(layers):
-            prob.omega[i] = max(curv[q.node.inputs[1].name], 0.0) * info["err"][i]
+            cv = curv[q.node.inputs[1].name]
+            prob.omega[i] = (cv if cv != cv else max(cv, 0.0)) * info["err"][i]
     sens_s = time.perf_counter() - t0
+    _drop_non_finite(prob, layers, budget)
     if budget.method == "hawq-v3":
         assign, solve = solve_ilp(prob, time_limit=budget.time_limit)
     else:
-        var, G = clado_matrix(prob, single, pair)
+        var, G = clado_matrix(prob, single, pair, psd=budget.clado_psd)
         assign, solve = solve_clado(prob, var, G, time_limit=budget.time_limit)
     solve.update(extra, sensitivity_s=round(sens_s, 3))
+    if not solve["optimal"]:
+        import warnings
+        warnings.warn(f"mixed precision ({budget.method}): HiGHS stopped at the time limit of "
+                      f"{budget.time_limit:g} s with a feasible, possibly suboptimal assignment "
+                      f"({solve['status']})", stacklevel=2)
     rows = []
     for i, (q, c) in enumerate(zip(layers, assign)):
         rows.append({"layer": q.node.provenance.module or q.node.name, "node": q.node.name,

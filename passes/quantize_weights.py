@@ -104,7 +104,7 @@ def layer_plan(graph: Graph, config: QuantConfig, layers: list[Node]) -> dict:
     for n in layers:
         lc = config.layer(*_layer_names(n))
         if lc is not None and n.name in chosen:
-            lc = dataclasses.replace(lc, weights=chosen[n.name])
+            lc = lc.with_weights(chosen[n.name])
         out[id(n)] = lc
     return out
 

@@ -47,6 +47,10 @@ class SensitivityLoss:
     interp: object = field(repr=False, default=None)
 
     def per_sample(self, s: int, params: dict | None = None) -> torch.Tensor:
+        if params:  # float32 leaves (autograd) or decoded weights, at each constant's dtype
+            dt = self.graph.constants
+            params = {k: v if v.dtype == dt[k].dtype else v.to(dt[k].dtype)
+                      for k, v in params.items()}
         outs = self.interp.run(*self.samples[s], params=params)
         tgt = self.targets[s]
         if self.kind == "task":
@@ -200,6 +204,8 @@ def top_eigenvalues(graph: Graph, layers: Sequence[Node], loss: SensitivityLoss,
 
 
 def omega(curvature: float, w: torch.Tensor, wq: torch.Tensor) -> float:
-    """``Ω = max(s, 0)·‖Q(W) − W‖²`` (HAWQ-V3 eq. 10), with ``s`` the layer's curvature."""
-    return max(float(curvature), 0.0) * float((wq.double() - w.double()).pow(2).sum())
+    """``Ω = max(s, 0)·‖Q(W) − W‖²`` (HAWQ-V3 eq. 10), with ``s`` the layer's curvature
+    (NaN stays NaN: the caller decides what a broken estimate means)."""
+    s = float(curvature)
+    return (s if s != s else max(s, 0.0)) * float((wq.double() - w.double()).pow(2).sum())
 

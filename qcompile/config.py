@@ -59,10 +59,15 @@ class Budget:
       the sensitivities and CLADO's measurements use; ``max_iters`` / ``tol``: Hutchinson's
       stopping rule (PyHessian: 100 probes, or a running-mean change below 1e-3 relative).
     - ``fixed``: pattern → format for layers kept out of the search (``"first"`` and
-      ``"last"`` name the first and last layers: HAWQ-V3 keeps them at 8 bits);
+      ``"last"`` name the first and last of the layers mixed precision decides, after
+      ``skip`` overrides: HAWQ-V3 keeps them at 8 bits);
       ``ties``: groups of patterns whose layers must share a format; ``tie_shared_inputs``:
       also tie layers that read one input (Q/K/V), so one quantized input serves them all.
-    - ``time_limit``: seconds for the solver (HiGHS).
+    - ``time_limit``: seconds for the solver (HiGHS); ``clado_psd``: project CLADO's ``G`` on
+      the PSD cone as the paper does for its convex MIQP solver. Off by default: qcompile's
+      linearisation is exact for any ``G``, and the projection moves the cross terms that
+      feasible assignments use (it missed the optimum of an exact quadratic loss on 3 of 30
+      random instances that the raw ``G`` solved).
     """
 
     avg_bits: float | None = None
@@ -81,6 +86,7 @@ class Budget:
     tie_shared_inputs: bool = True
     latency_target: str | None = None
     time_limit: float = 60.0
+    clado_psd: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -88,8 +94,11 @@ class Budget:
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", (self.candidates,))
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        ties = self.ties
+        if isinstance(ties, str) or (ties and all(isinstance(t, str) for t in ties)):
+            ties = (ties,) if not isinstance(ties, str) else ((ties,),)  # one flat group
         object.__setattr__(self, "ties", tuple(tuple([t] if isinstance(t, str) else t)
-                                               for t in self.ties))
+                                               for t in ties))
         if not self.candidates:
             raise ConfigError("Budget.candidates is empty", hint="e.g. ('int4', 'int8')")
         if len(set(self.candidates)) != len(self.candidates):
@@ -189,6 +198,19 @@ class LayerConfig:
         if self.group_size is None and not fmt.block_only and "granularity" not in opts:
             return get(self.weights, **{**opts, "granularity": "per_channel"})
         return fmt
+
+    def with_weights(self, name: str) -> "LayerConfig":
+        """This layer with weight format ``name``, keeping only the ``weight_options`` that
+        format accepts (a mixed-precision candidate need not take every option of another)."""
+        from qcompile.formats import get
+        keep = {}
+        for k, v in self.weight_options.items():
+            try:
+                get(name, **{k: v})
+            except ConfigError:
+                continue
+            keep[k] = v
+        return dataclasses.replace(self, weights=name, weight_options=keep)
 
     def activation_format(self):
         if self.activations is None:
