@@ -80,6 +80,19 @@ def _calibration(path: str | None, names: list[str] | None):
     return [tuple(z[k][i] for k in keys) for i in range(n)]
 
 
+def _labels(path: str | None):
+    """Labels from an ``.npy``, one per calibration sample along the first axis."""
+    if path is None:
+        return None
+    from qcompile.errors import ConfigError
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read labels file {path}: {e}",
+                          hint="give an .npy with one label per calibration sample") from None
+    return list(arr)
+
+
 def cmd_build(a) -> int:
     import qcompile
     model, inputs, dyn = _load_model(a.model)
@@ -87,7 +100,10 @@ def cmd_build(a) -> int:
     names = list(inputs) if isinstance(inputs, dict) else None
     cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn,
                           config=a.config, calibration=_calibration(a.calibration, names),
-                          tune_trials=a.tune_trials)
+                          labels=_labels(a.labels), tune_trials=a.tune_trials)
+    plan = cm.graph.meta.get("mixed_precision")
+    if plan is not None:
+        print(plan)
     out = cm.save(a.output)
     print(f"built {a.model} for {a.target} in {time.perf_counter() - t0:.2f}s -> {out}")
     return 0
@@ -147,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a QuantConfig TOML file (weights, activations, algorithm, ...)")
     s.add_argument("--calibration", help="an .npz of calibration samples: one array per input, "
                                          "samples along the first axis")
+    s.add_argument("--labels", help="an .npy of labels, one per calibration sample: mixed "
+                                    "precision's sensitivities then use the task loss")
     s.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="tune with N measured trials per workload (target cpu: MetaSchedule, "
                         "records cached per shape in ~/.cache/qcompile); 0, the default, "

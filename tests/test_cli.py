@@ -55,6 +55,28 @@ def test_build_quantized_with_config_and_calibration(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_build_with_a_mixed_precision_budget_and_labels(tmp_path, capsys):
+    (tmp_path / "q.toml").write_text('group_size = 32\n[mixed_precision]\navg_bits = 3.0\n'
+                                      'candidates = ["int2", "int4"]\nsamples = 2\n'
+                                      'max_iters = 5\n')
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((3, 4, 64)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 10, (3, 4)))
+    art = tmp_path / "art"
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(art), "--config", str(tmp_path / "q.toml"),
+                 "--calibration", str(tmp_path / "cal.npz"), "--labels",
+                 str(tmp_path / "y.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "mixed precision (hawq-v3; avg_bits ≤ 3)" in out
+    formats = [ly["format"].split()[0] for ly in qcompile.load(art).summary()["layers"]]
+    assert set(formats) <= {"int2", "int4"} and len(formats) == 3
+    (tmp_path / "bad.toml").write_text('group_size = 32\n[mixed_precision]\navg_bits = 1.0\n')
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(tmp_path / "b"), "--config",
+                 str(tmp_path / "bad.toml"), "--calibration", str(tmp_path / "cal.npz")]) == 2
+    assert "least achievable is avg_bits=2" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["build", "qcompile.zoo:mlp", "--target", "tpu", "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
