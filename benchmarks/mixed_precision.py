@@ -264,7 +264,8 @@ def plot_quality(plans: dict, path: Path) -> list[Path]:
         shown = dataclasses.replace(plan, formats=mid["formats"], layers=[
             dict(r, format=mid["formats"][r["node"]]) for r in plan.layers])
         pareto = [{"budget": r["avg_bits"], "predicted": r["predicted"], "measured": r["hawq"],
-                   "uniform": r.get("uniform"), "unit": "average weight bits"} for r in rows]
+                   "uniform": r.get("uniform"), "uniform_at": r["budget"],
+                   "unit": "average weight bits"} for r in rows]
         p = path.with_name(f"{path.stem}_{name.split()[0].lower()}.png")
         plot_plan(shown, p, pareto=pareto)
         out.append(p)

@@ -318,8 +318,8 @@ class PrecisionPlan:
 
 def plot_plan(plan: PrecisionPlan, path, *, pareto: Sequence[dict] | None = None):
     """A figure of the bits chosen per layer and, given ``pareto`` rows (``budget``,
-    ``predicted``, optional ``measured`` and ``uniform``: the measured loss of a uniform format
-    at that budget), the Pareto front; saved to ``path``."""
+    ``predicted``, optional ``measured``, and ``uniform``: the measured loss of a uniform format
+    at ``uniform_at`` bits), the Pareto front; saved to ``path``."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -343,7 +343,8 @@ def plot_plan(plan: PrecisionPlan, path, *, pareto: Sequence[dict] | None = None
             ax2 = ax.twinx()
             ax2.plot(xs, [r.get("measured", np.nan) for r in pareto], "s--", color="C1",
                      label="measured loss")
-            uni = [(r["budget"], r["uniform"]) for r in pareto if r.get("uniform") is not None]
+            uni = [(r.get("uniform_at", r["budget"]), r["uniform"]) for r in pareto
+                   if r.get("uniform") is not None]
             if uni:
                 ax2.plot(*zip(*uni), "x", color="C3", markersize=9, label="uniform format")
             ax2.set_ylabel("measured loss")
