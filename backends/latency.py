@@ -27,8 +27,8 @@ import torch
 from qcompile.ir.graph import Graph, Node
 from qcompile.ir.types import TensorType
 
-__all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "time_call", "cache_path",
-           "copies"]
+__all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "model_latencies", "time_call",
+           "cache_path", "copies"]
 
 #: targets whose kernels run on this machine's CPU, so their latency can be measured here
 LATENCY_TARGETS = ("cpu", "lut", "amx")
@@ -200,16 +200,20 @@ def _empty_latency(target: str, shape, dtype: str) -> float:
     return ms
 
 
-def model_latency(graph: Graph, sample, target: str, config=None, calibration=None) -> float:
-    """Milliseconds of the whole ``graph`` (compiled for ``target``, under ``config``) on the
-    positional inputs ``sample``."""
-    from qcompile.api import compile as qcompile_compile
+def _model_key(graph: Graph, sample, target: str, config=None) -> str:
     from qcompile.runtime import graph_hash
     h = hashlib.sha256(graph_hash(graph).encode())
     h.update(json.dumps([list(t.shape) for t in sample]).encode())
     if config is not None:
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=repr).encode())
-    key = json.dumps({"target": target, "model": h.hexdigest()})
+    return json.dumps({"target": target, "model": h.hexdigest()})
+
+
+def model_latency(graph: Graph, sample, target: str, config=None, calibration=None) -> float:
+    """Milliseconds of the whole ``graph`` (compiled for ``target``, under ``config``) on the
+    positional inputs ``sample``."""
+    from qcompile.api import compile as qcompile_compile
+    key = _model_key(graph, sample, target, config)
     hit = _cached(key)
     if hit is not None:
         return hit
@@ -217,3 +221,23 @@ def model_latency(graph: Graph, sample, target: str, config=None, calibration=No
     ms = time_call(cm.run, tuple(sample))
     _store(key, ms)
     return ms
+
+
+def model_latencies(graphs, sample, target: str, *, rounds: int = 9) -> list[float]:
+    """Milliseconds of each (already quantized) graph on ``sample``, compiled for ``target``
+    and timed round-robin, ``rounds`` rounds, the median of each: the machine's drift over
+    seconds touches them alike, so their differences are steadier than separate timings."""
+    from qcompile.api import compile as qcompile_compile
+    keys = [_model_key(g, sample, target) for g in graphs]
+    cached = [_cached(k) for k in keys]
+    if all(c is not None for c in cached):
+        return cached
+    cms = [qcompile_compile(g, target) for g in graphs]
+    times: list[list[float]] = [[] for _ in cms]
+    for _ in range(rounds):
+        for cm, ts in zip(cms, times):
+            ts.append(time_call(cm.run, tuple(sample), rounds=1, min_time=0.2))
+    out = [statistics.median(ts) for ts in times]
+    for k, ms in zip(keys, out):
+        _store(k, ms)
+    return out

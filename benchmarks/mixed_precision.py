@@ -233,7 +233,8 @@ def _latency_case(name, g, sample, target, candidates, args):
                      "gap_vs_reference": (ms / ref_ms) / (pred / ref_pred) - 1,
                      "spread_ms": [min(times), max(times)],
                      "formats": {c: list(fm.values()).count(c) for c in candidates},
-                     "rest_ms": p.offsets["latency_ms"], "measure_s": measure_s})
+                     "rest_ms": p.offsets["latency_ms"], "measure_s": measure_s,
+                     "correction_ms_per_layer": plan.solve.get("latency_correction_ms")})
     return rows
 
 

@@ -569,10 +569,11 @@ def build_problem(graph: Graph, config: QuantConfig, budget: Budget, sample, *,
                                  costs, offsets, {k: v for k, v in budget.limits().items()
                                                   if k != "latency_ms"}, allowed, groups)
         early.check_feasible()  # before minutes of measurements
-        lat, rest = _latencies(graph, config, layers, choices, allowed, shapes, sample,
-                               budget.latency_target or target, progress=progress)
+        lat, rest, corr = _latencies(graph, config, layers, choices, allowed, shapes, sample,
+                                     budget.latency_target or target, progress=progress)
         costs["latency_ms"], offsets["latency_ms"] = lat, rest
-        info["latency"] = {"per_layer_ms": lat.tolist(), "rest_ms": rest}
+        info["latency"] = {"per_layer_ms": lat.tolist(), "rest_ms": rest,
+                           "correction_ms": corr}
     prob = PrecisionProblem([q.node.name for q in layers], choices, np.zeros((L, C)), costs,
                             offsets, budget.limits(), allowed, groups)
     return prob, info, deq
@@ -589,8 +590,11 @@ def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, 
     """Per-layer latencies of every allowed choice, and the rest of the model: the latency of
     the whole model quantized at a reference assignment (each layer's first allowed choice),
     less its layers' latencies. The reference is quantized, not float, so that what the
-    quantized kernels do not fuse (epilogues the float kernels absorb) counts in the rest."""
-    from qcompile.backends.latency import LATENCY_TARGETS, layer_latency, model_latency
+    quantized kernels do not fuse (epilogues the float kernels absorb) counts in the rest.
+    Each other format is corrected per layer by a whole-model measurement at that format
+    (returned by format, ms per layer): alone, a LUT kernel at batch 1 timed 14-28 µs slower
+    than inside the model, by an amount that depends on its bits."""
+    from qcompile.backends.latency import LATENCY_TARGETS, layer_latency, model_latencies
     from qcompile.passes.quantize_activations import quantize_activations
     from qcompile.passes.quantize_weights import quantize_weights
     if target not in LATENCY_TARGETS:
@@ -609,17 +613,39 @@ def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, 
         lc = layers[i].lc.with_weights(choices[c])
         lat[i, c] = layer_latency(graph, layers[i].node, shapes, target, lc, config)
     ref = [int(np.flatnonzero(allowed[i])[0]) if allowed[i].any() else None for i in range(L)]
-    formats = {q.node.name: choices[c] for q, c in zip(layers, ref) if c is not None}
-    g = graph.clone()
-    g.meta["mixed_precision"] = _Formats(formats)
-    g = quantize_weights(g, config=dataclasses.replace(config, mixed_precision=None),
-                         progress=False)
-    if config.activations is not None or any(isinstance(o, dict) and o.get("activations")
-                                             for o in config.overrides.values()):
-        g = quantize_activations(g, config=config)
-    g.meta.clear()
-    total = model_latency(g, sample, target)
-    return lat, total - sum(lat[i, c] for i, c in enumerate(ref) if c is not None)
+
+    def quantized(assign) -> Graph:
+        formats = {q.node.name: choices[c] for q, c in zip(layers, assign) if c is not None}
+        g = graph.clone()
+        g.meta["mixed_precision"] = _Formats(formats)
+        g = quantize_weights(g, config=dataclasses.replace(config, mixed_precision=None),
+                             progress=False)
+        if config.activations is not None or any(isinstance(o, dict) and o.get("activations")
+                                                 for o in config.overrides.values()):
+            g = quantize_activations(g, config=config)
+        g.meta.clear()
+        return g
+    # a kernel timed alone pays a per-call cost it does not pay inside the model, and that
+    # cost differs by format: the whole model at each format (where a layer takes it), timed
+    # round-robin with the reference, gives each format's correction per layer, so every
+    # uniform assignment predicts what was measured
+    variants = []
+    for c in range(C):
+        switched = [i for i in range(L) if allowed[i, c] and ref[i] != c]
+        if switched:
+            variants.append((c, switched, [c if i in switched else ref[i] for i in range(L)]))
+    times = model_latencies([quantized(ref)] + [quantized(a) for *_, a in variants], sample,
+                            target)
+    total = times[0]
+    corrections = {}
+    for (c, switched, _), t_c in zip(variants, times[1:]):
+        iso = sum(lat[i, c] - lat[i, ref[i]] for i in switched)
+        delta = ((t_c - total) - iso) / len(switched)
+        corrections[choices[c]] = delta
+        for i in switched:
+            lat[i, c] = max(lat[i, c] + delta, 0.0)
+    rest = total - sum(lat[i, c] for i, c in enumerate(ref) if c is not None)
+    return lat, rest, corrections
 
 
 # -- CLADO's measurements -----------------------------------------------------------------------
@@ -738,6 +764,8 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
         var, G = clado_matrix(prob, single, pair, psd=budget.clado_psd)
         assign, solve = solve_clado(prob, var, G, time_limit=budget.time_limit)
     solve.update(extra, sensitivity_s=round(sens_s, 3))
+    if "latency" in info:
+        solve["latency_correction_ms"] = info["latency"]["correction_ms"]
     if not solve["optimal"]:
         import warnings
         warnings.warn(f"mixed precision ({budget.method}): HiGHS stopped at the time limit of "
