@@ -482,6 +482,22 @@ def test_latency_budget_on_cpu_is_measured_cached_and_honoured(tmp_path, monkeyp
     per = np.array(plan.problem.costs["latency_ms"])
     assert (per[plan.problem.allowed] > 0).all()
     assert plan.predicted["latency_ms"] <= 10.0
+    # int8 is corrected by a whole-model timing at int8: the uniform assignments then predict
+    # exactly the whole-model times measured with them (round-robin, cached)
+    corr = plan.solve["latency_correction_ms"]
+    assert set(corr) == {"int8"} and np.isfinite(corr["int8"])
+    p = plan.problem
+    from qcompile.backends.latency import _cached, _model_key
+    from qcompile.passes.mixed_precision import _Formats
+    for c in range(len(p.choices)):
+        q = g.clone()
+        q.meta["mixed_precision"] = _Formats({n: p.choices[c] for n in p.layers})
+        cfg = QuantConfig(group_size=32)
+        q = quantize_weights(q, config=cfg, progress=False)
+        q.meta.clear()
+        t = _cached(_model_key(q, data[:1], "cpu"))
+        assert t is not None
+        assert p.metric("latency_ms", [c] * len(p.layers)) == pytest.approx(t, rel=1e-9)
     cache = latency.cache_path()
     assert cache.exists()
     monkeypatch.setattr(latency, "_compile_and_time", lambda *a, **k: pytest.fail("re-measured"))
