@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,16 +39,9 @@ def cache_path() -> Path:
 
 
 def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from qcompile import __version__
-    from qcompile.backends.lut.build import _threads
+    from qcompile.backends.lut.build import _threads, cpu_model
+    model = cpu_model()
     try:
         from importlib.metadata import version
         tvm = version("apache-tvm")

@@ -59,17 +59,22 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _read_array_file(path: str, what: str, hint: str):
+    from qcompile.errors import ConfigError
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {what} file {path}: {e}", hint=hint) from None
+
+
 def _calibration(path: str | None, names: list[str] | None):
     """Samples from an ``.npz`` whose arrays (one per model input, by name or in order) carry
     the samples along their first axis."""
     if path is None:
         return None
     from qcompile.errors import ConfigError
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read calibration file {path}: {e}",
-                          hint="give an .npz with one array per model input, samples first") from None
+    z = _read_array_file(path, "calibration",
+                         "give an .npz with one array per model input, samples first")
     keys = list(z.files)
     counts = {k: z[k].shape[0] for k in keys}
     if len(set(counts.values())) != 1:
@@ -84,13 +89,8 @@ def _labels(path: str | None):
     """Labels from an ``.npy``, one per calibration sample along the first axis."""
     if path is None:
         return None
-    from qcompile.errors import ConfigError
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read labels file {path}: {e}",
-                          hint="give an .npy with one label per calibration sample") from None
-    return list(arr)
+    return list(_read_array_file(path, "labels",
+                                 "give an .npy with one label per calibration sample"))
 
 
 def cmd_build(a) -> int:

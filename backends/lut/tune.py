@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import LutLibrary, _cpu_flags, _threads, cache_dir, host_variants
+from .build import LutLibrary, _cpu_flags, _threads, cache_dir, cpu_model, host_variants
 from .codegen import VARIANT_LAYOUT, KernelConfig
 from .weights import LutWeight, pack
 
@@ -38,15 +38,8 @@ def m_bucket(m: int | None) -> int:
 
 def machine_key() -> str:
     """A short hash of what a tuning result depends on: CPU model, ISA flags, threads."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor()
-    raw = "|".join([platform.machine(), model, " ".join(sorted(_cpu_flags())), str(_threads())])
+    raw = "|".join([platform.machine(), cpu_model(), " ".join(sorted(_cpu_flags())),
+                    str(_threads())])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
