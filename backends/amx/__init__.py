@@ -17,14 +17,12 @@ entries it calls, registered before the VM runs).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
-from qcompile.backends.base import Backend, register_backend
+from qcompile.backends.base import register_backend
+from qcompile.backends.hooked import HookedCpuBackend, load_library_bytes, read_kernel_files
 from qcompile.backends.tvm import TVMExecutable
 from qcompile.errors import ArtifactError, ConfigError
-from qcompile.ir.graph import Graph, Node
+from qcompile.ir.graph import Graph
 
 __all__ = ["AmxBackend", "AmxExecutable", "build_model", "LIBRARY", "KERNELS"]
 
@@ -102,47 +100,27 @@ class AmxExecutable(TVMExecutable):
     @staticmethod
     def from_files(graph: Graph, target: str, files: dict[str, bytes]) -> "AmxExecutable":
         from . import ffi
-        kernels, module, lib = [], None, None
-        if KERNELS in files or LIBRARY in files:
-            if KERNELS not in files or LIBRARY not in files:
-                raise ArtifactError(f"an amx artifact has both {LIBRARY} and {KERNELS} or neither",
-                                    hint="rebuild it with qcompile build --target amx")
-            try:
-                kernels = [str(r["kernel"]) for r in json.loads(files[KERNELS])["kernels"]]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ArtifactError(f"{KERNELS} is corrupt: {e}") from None
+        kernels, lib = read_kernel_files(files, target, LIBRARY, KERNELS,
+                                         lambda rows: [str(r["kernel"]) for r in rows])
+        module = None
+        if lib is not None:
             unknown = sorted(set(kernels) - set(ffi.KERNELS))
             if unknown:
                 raise ArtifactError(f"{KERNELS} names kernels this qcompile does not have: "
                                     f"{', '.join(unknown)}",
                                     hint="rebuild it with this version (qcompile build "
                                          "--target amx)")
-            lib = files[LIBRARY]
-            d = tempfile.mkdtemp(prefix="qcompile-amx-")
-            try:
-                path = Path(d) / LIBRARY
-                path.write_bytes(lib)
-                module = ffi.load(path)  # mapped now: the file may go
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+            module = load_library_bytes(lib, LIBRARY, ffi.load, "qcompile-amx-")
         base = TVMExecutable.from_files(graph, target, files)
         return AmxExecutable(graph, target, base.ex, base.params, kernels, lib, module)
 
 
-class AmxBackend(Backend):
+class AmxBackend(HookedCpuBackend):
     """Target ``amx``: TVM ``cpu`` for the model, the sparse kernels for its pruned linears."""
 
     name = "amx"
     targets = ("amx",)
-    versioned = ("tvm",)
-
-    def supports(self, node: Node) -> bool:
-        from qcompile.backends import get_backend
-        return get_backend("cpu").supports(node)
-
-    def cost(self, node: Node, device: str = "cpu", env=None) -> float:
-        from qcompile.backends import get_backend
-        return get_backend("reference").cost(node, device, env)
+    executable = AmxExecutable
 
     def lower(self, graph: Graph, target: str):
         from . import ffi
@@ -151,17 +129,6 @@ class AmxBackend(Backend):
         return AmxExecutable(graph, target, ex, params, hook.kernels,
                              lib.read_bytes() if lib is not None else None, module, L.report,
                              hook.fallbacks, hook.taken)
-
-    def artifacts(self, executable) -> dict[str, bytes]:
-        return executable.files()
-
-    def load(self, graph: Graph, target: str, files: dict[str, bytes]):
-        from qcompile.backends.tvm import LIBRARY as TVM_LIBRARY
-        from qcompile.backends.tvm import PARAMS
-        if TVM_LIBRARY not in files or PARAMS not in files:
-            raise ArtifactError(f"a {target} artifact needs {TVM_LIBRARY} and {PARAMS}",
-                                hint="rebuild it with qcompile build --target amx")
-        return AmxExecutable.from_files(graph, target, files)
 
 
 register_backend(AmxBackend())

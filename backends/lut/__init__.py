@@ -15,14 +15,12 @@ artifact holds TVM's ``model.so`` and parameters plus ``lut_kernels.so`` and
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
-from qcompile.backends.base import Backend, register_backend
+from qcompile.backends.base import register_backend
+from qcompile.backends.hooked import HookedCpuBackend, load_library_bytes, read_kernel_files
 from qcompile.backends.tvm import TVMExecutable
-from qcompile.errors import ArtifactError, BackendError, ConfigError
-from qcompile.ir.graph import Graph, Node
+from qcompile.errors import BackendError, ConfigError
+from qcompile.ir.graph import Graph
 
 __all__ = ["LutBackend", "LutExecutable", "build_model", "LIBRARY", "KERNELS"]
 
@@ -93,49 +91,28 @@ class LutExecutable(TVMExecutable):
         from . import ffi
         from .build import host_variants
         from .codegen import KernelConfig
-        configs, module, lib = [], None, None
-        if KERNELS in files or LIBRARY in files:
-            if KERNELS not in files or LIBRARY not in files:
-                raise ArtifactError(f"a lut artifact has both {LIBRARY} and {KERNELS} or neither",
-                                    hint="rebuild it with qcompile build --target lut")
-            try:
-                rows = json.loads(files[KERNELS])["kernels"]
-                configs = [KernelConfig(**{k: r[k] for k in ("variant", "bits", "group", "mode",
-                                                              "rb", "mt", "u")}) for r in rows]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ArtifactError(f"{KERNELS} is corrupt: {e}") from None
+        rows_to_configs = lambda rows: [KernelConfig(**{k: r[k] for k in (  # noqa: E731
+            "variant", "bits", "group", "mode", "rb", "mt", "u")}) for r in rows]
+        configs, lib = read_kernel_files(files, target, LIBRARY, KERNELS, rows_to_configs)
+        module = None
+        if lib is not None:
             missing = sorted({c.variant for c in configs} - set(host_variants()))
             if missing:
                 raise BackendError(f"this artifact's LUT kernels use the {', '.join(missing)} "
                                    "instructions, which this CPU lacks",
                                    hint="rebuild the artifact on this machine (qcompile build "
                                         "--target lut)")
-            lib = files[LIBRARY]
-            d = tempfile.mkdtemp(prefix="qcompile-lut-")
-            try:
-                path = Path(d) / LIBRARY
-                path.write_bytes(lib)
-                module = ffi.load(path)  # mapped now: the file may go
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+            module = load_library_bytes(lib, LIBRARY, ffi.load, "qcompile-lut-")
         base = TVMExecutable.from_files(graph, target, files)
         return LutExecutable(graph, target, base.ex, base.params, configs, lib, module)
 
 
-class LutBackend(Backend):
+class LutBackend(HookedCpuBackend):
     """Target ``lut``: TVM ``cpu`` for the model, LUT kernels for its 1–4-bit linears."""
 
     name = "lut"
     targets = ("lut",)
-    versioned = ("tvm",)
-
-    def supports(self, node: Node) -> bool:
-        from qcompile.backends import get_backend
-        return get_backend("cpu").supports(node)
-
-    def cost(self, node: Node, device: str = "cpu", env=None) -> float:
-        from qcompile.backends import get_backend
-        return get_backend("reference").cost(node, device, env)
+    executable = LutExecutable
 
     def lower(self, graph: Graph, target: str):
         from . import ffi
@@ -144,17 +121,6 @@ class LutBackend(Backend):
         return LutExecutable(graph, target, ex, params, hook.configs,
                              lib.read_bytes() if lib is not None else None, module, L.report,
                              hook.fallbacks)
-
-    def artifacts(self, executable) -> dict[str, bytes]:
-        return executable.files()
-
-    def load(self, graph: Graph, target: str, files: dict[str, bytes]):
-        from qcompile.backends.tvm import LIBRARY as TVM_LIBRARY
-        from qcompile.backends.tvm import PARAMS
-        if TVM_LIBRARY not in files or PARAMS not in files:
-            raise ArtifactError(f"a {target} artifact needs {TVM_LIBRARY} and {PARAMS}",
-                                hint="rebuild it with qcompile build --target lut")
-        return LutExecutable.from_files(graph, target, files)
 
 
 register_backend(LutBackend())

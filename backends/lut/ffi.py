@@ -179,23 +179,8 @@ def library_source(configs) -> str:
 
 
 def _flags() -> tuple[str, ...]:
-    """Headers and libraries of TVM-FFI (errors) and the TVM runtime (thread pool). The
-    libraries are linked by name without an rpath: ``tvm`` loads them (RTLD_GLOBAL) before
-    this library, so the loader finds them already mapped, and the file carries no path of
-    this machine."""
-    try:
-        import tvm
-        import tvm_ffi.libinfo as ffi_info
-    except ImportError as e:
-        raise BackendError(f"target 'lut' needs Apache TVM and apache-tvm-ffi ({e})",
-                           hint="pip install 'qcompile[tvm]' (or call the kernels standalone "
-                                "with qcompile.backends.lut.build.LutLibrary)") from None
-    tvm_root = Path(tvm.__file__).parent
-    ffi_lib = Path(ffi_info.find_libtvm_ffi()).parent
-    incs = dict.fromkeys([ffi_info.find_include_path(), ffi_info.find_dlpack_include_path(),
-                          str(tvm_root / "include")])
-    return (*(f"-I{i}" for i in incs), f"-L{ffi_lib}", f"-L{tvm_root / 'lib'}",
-            "-ltvm_ffi", "-ltvm_runtime")
+    from qcompile.backends.hooked import tvm_ffi_flags
+    return tvm_ffi_flags("lut", "qcompile.backends.lut.build.LutLibrary")
 
 
 def compile_library(configs) -> Path:
