@@ -13,7 +13,53 @@ from qcompile.backends.base import Backend
 from qcompile.errors import ArtifactError
 from qcompile.ir.graph import Graph, Node
 
-__all__ = ["HookedCpuBackend", "read_kernel_files", "load_library_bytes"]
+__all__ = ["HookedCpuBackend", "read_kernel_files", "load_library_bytes", "tvm_ffi_flags",
+           "FFI_HELPERS"]
+
+#: C (also valid C++) that both backends' TVM-FFI entry points use: raising an error, the
+#: DLTensor of an argument, its size, checking dtype/device/layout, its data pointer
+FFI_HELPERS = r"""
+/* ---- shared by the lut and amx entry points (qcompile.backends.hooked) ---- */
+static int qc_ffi_fail(const char* fn, const char* arg, const char* what) {
+  char msg[320];
+  snprintf(msg, sizeof msg, "%s: %s%s", fn, arg ? arg : "", what);
+  TVMFFIErrorSetRaisedFromCStr("ValueError", msg);
+  return -1;
+}
+
+/* The DLTensor of an argument (a Tensor object or a raw DLTensor*), else NULL. */
+static DLTensor* qc_ffi_tensor(const TVMFFIAny* a) {
+  if (a->type_index == kTVMFFITensor)
+    return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
+  if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
+  return NULL;
+}
+
+static int64_t qc_ffi_numel(const DLTensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+/* NULL when t is a compact row-major CPU tensor of the dtype, else what is wrong. */
+static const char* qc_ffi_check(const DLTensor* t, uint8_t code, uint8_t bits,
+                                const char* not_it) {
+  if (!t) return " is not a tensor";
+  if (t->device.device_type != kDLCPU) return " is not on the CPU";
+  if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1) return not_it;
+  if (t->ndim < 1) return " is a scalar";
+  if (t->strides) {
+    int64_t s = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+      if (t->shape[i] != 1 && t->strides[i] != s) return " is not contiguous";
+      s *= t->shape[i];
+    }
+  }
+  return NULL;
+}
+
+static void* qc_ffi_data(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
+"""
 
 
 class HookedCpuBackend(Backend):

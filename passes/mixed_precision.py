@@ -49,6 +49,7 @@ from qcompile.config import Budget, QuantConfig
 from qcompile.errors import ConfigError, PassError
 from qcompile.ir.graph import Graph, Node
 from qcompile.passes.manager import register_pass
+from qcompile.passes.sensitivity import hessian_traces, make_loss, nonneg, omega, top_eigenvalues
 
 __all__ = ["mixed_precision", "PrecisionProblem", "PrecisionPlan", "solve_ilp", "solve_clado",
            "clado_matrix", "plot_plan", "exhaustive", "LIMIT_UNITS"]
@@ -255,7 +256,7 @@ def solve_clado(p: PrecisionProblem, var: list, G: np.ndarray, *, time_limit: fl
         A[r, pv] = -1.0
         for c in cols:
             A[r, c] = 1.0
-    cons = [_onehot_rows_ext(p, var, n), *_budget_rows_ext(p, var, n)]
+    cons = [_onehot_rows(p, var, n), *_budget_rows(p, var, n)]  # y columns: zero there
     if rows:
         cons.append(LinearConstraint(A.tocsr(), 0.0, 0.0))
     integrality = np.concatenate([np.ones(nx), np.zeros(len(pairs))])
@@ -265,23 +266,6 @@ def solve_clado(p: PrecisionProblem, var: list, G: np.ndarray, *, time_limit: fl
     return p.assignment_of(xg), {"status": res.message, "optimal": res.status == 0,
                                  "solve_s": time.perf_counter() - t0, "variables": n,
                                  "objective": float(res.fun) * scale}
-
-
-def _onehot_rows_ext(p, var, n):
-    from scipy.optimize import LinearConstraint
-    A = _onehot_rows(p, var, len(var)).A
-    from scipy.sparse import csr_array, hstack
-    return LinearConstraint(hstack([A, csr_array((A.shape[0], n - len(var)))]).tocsr(), 1.0, 1.0)
-
-
-def _budget_rows_ext(p, var, n):
-    from scipy.optimize import LinearConstraint
-    from scipy.sparse import csr_array, hstack
-    out = []
-    for lc in _budget_rows(p, var, len(var)):
-        A = hstack([lc.A, csr_array((1, n - len(var)))]).tocsr()
-        out.append(LinearConstraint(A, lc.lb, lc.ub))
-    return out
 
 
 # -- the plan ----------------------------------------------------------------------------
@@ -562,8 +546,7 @@ def build_problem(graph: Graph, config: QuantConfig, budget: Budget, sample, *,
     ntot = sum(graph.constants[q.node.inputs[1].name].numel() for q in layers)
     costs = {"avg_bits": bits / ntot, "size_mb": nbytes / 1e6, "gbops": bops / 1e9}
     offsets = {"avg_bits": 0.0, "size_mb": other / 1e6, "gbops": 0.0}
-    info = {"layers": layers, "groups": groups, "choices": choices, "err": err, "unused": unused,
-            "shapes": shapes, "macs": [_macs(q.node, shapes) for q in layers]}
+    info = {"layers": layers, "err": err}
     if budget.latency_ms is not None:
         early = PrecisionProblem([q.node.name for q in layers], choices, np.zeros((L, C)),
                                  costs, offsets, {k: v for k, v in budget.limits().items()
@@ -592,8 +575,8 @@ def _latencies(graph, config, layers, choices, allowed, shapes, sample, target, 
     less its layers' latencies. The reference is quantized, not float, so that what the
     quantized kernels do not fuse (epilogues the float kernels absorb) counts in the rest.
     Each other format is corrected per layer by a whole-model measurement at that format
-    (returned by format, ms per layer): alone, a LUT kernel at batch 1 timed 14-28 µs slower
-    than inside the model, by an amount that depends on its bits."""
+    (returned by format, ms per layer): a kernel timed alone may pay per-call costs it does
+    not pay inside the model, by an amount that depends on the kernel."""
     from qcompile.backends.latency import LATENCY_TARGETS, layer_latency, model_latencies
     from qcompile.passes.quantize_activations import quantize_activations
     from qcompile.passes.quantize_weights import quantize_weights
@@ -705,7 +688,7 @@ def measure_layers(p: PrecisionProblem, layers: list[_Layer], deq: dict, loss, *
         base = float(loss(None))
         for i, c in work:
             dl = float(loss({layers[i].node.inputs[1].name: deq[(i, int(c))]})) - base
-            out[i, c] = dl if dl != dl else max(dl, 0.0)  # NaN stays: flagged by the caller
+            out[i, c] = nonneg(dl)  # NaN stays: flagged by the caller
     return out
 
 
@@ -716,7 +699,6 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
     """Choose each layer's weight format for ``config.mixed_precision``; the plan goes to
     ``graph.meta["mixed_precision"]`` for ``quantize_weights``."""
     from qcompile.passes.calibrate import as_positional
-    from qcompile.passes.sensitivity import hessian_traces, make_loss, top_eigenvalues
     config = QuantConfig.coerce(config)
     budget = config.mixed_precision
     if budget is None:
@@ -740,8 +722,8 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
         single, pair = clado_measure(prob, layers, deq, loss, progress=progress)
         for (g, c), dl in single.items():  # shown per layer: a group's ΔL shared evenly
             for i in prob.groups[g]:
-                prob.omega[i, c] = (max(dl, 0.0) / len(prob.groups[g]) if math.isfinite(dl)
-                                    else math.nan)
+                prob.omega[i, c] = nonneg(dl) / len(prob.groups[g]) if math.isfinite(dl) \
+                    else math.nan
     elif budget.sensitivity == "measured":
         prob.omega[:] = measure_layers(prob, layers, deq, loss, progress=progress)
     else:
@@ -754,8 +736,7 @@ def mixed_precision(graph: Graph, *, config: QuantConfig, data=None, labels=None
             curv = top_eigenvalues(graph, nodes, loss, max_iters=budget.max_iters,
                                    tol=budget.tol, seed=budget.seed, progress=progress)
         for i, q in enumerate(layers):
-            cv = curv[q.node.inputs[1].name]
-            prob.omega[i] = (cv if cv != cv else max(cv, 0.0)) * info["err"][i]
+            prob.omega[i] = omega(curv[q.node.inputs[1].name], info["err"][i])
     sens_s = time.perf_counter() - t0
     _drop_non_finite(prob, layers, budget)
     if budget.method == "hawq-v3":

@@ -32,7 +32,7 @@ from qcompile.errors import ConfigError, InputError
 from qcompile.ir.graph import Graph, Node
 
 __all__ = ["SensitivityLoss", "hessian_traces", "top_eigenvalues", "TraceResult",
-           "omega", "make_loss"]
+           "omega", "nonneg", "make_loss"]
 
 
 @dataclass
@@ -203,9 +203,12 @@ def top_eigenvalues(graph: Graph, layers: Sequence[Node], loss: SensitivityLoss,
     return out
 
 
-def omega(curvature: float, w: torch.Tensor, wq: torch.Tensor) -> float:
-    """``Ω = max(s, 0)·‖Q(W) − W‖²`` (HAWQ-V3 eq. 10), with ``s`` the layer's curvature
-    (NaN stays NaN: the caller decides what a broken estimate means)."""
-    s = float(curvature)
-    return (s if s != s else max(s, 0.0)) * float((wq.double() - w.double()).pow(2).sum())
+def nonneg(x: float) -> float:
+    """``max(x, 0)`` with NaN kept (the caller decides what a broken estimate means)."""
+    return x if x != x else max(x, 0.0)
 
+
+def omega(curvature: float, sq_err: float) -> float:
+    """``Ω = max(s, 0)·‖Q(W) − W‖²`` (HAWQ-V3 eq. 10): the layer's curvature ``s`` times the
+    squared quantization error ``sq_err``; NaN stays NaN."""
+    return nonneg(float(curvature)) * sq_err

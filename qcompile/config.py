@@ -66,8 +66,8 @@ class Budget:
     - ``time_limit``: seconds for the solver (HiGHS); ``clado_psd``: project CLADO's ``G`` on
       the PSD cone as the paper does for its convex MIQP solver. Off by default: qcompile's
       linearisation is exact for any ``G``, and the projection moves the cross terms that
-      feasible assignments use (it missed the optimum of an exact quadratic loss on 3 of 30
-      random instances that the raw ``G`` solved).
+      feasible assignments use, so it can miss the optimum of an exact quadratic loss that the
+      raw ``G`` finds.
     """
 
     avg_bits: float | None = None

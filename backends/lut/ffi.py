@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qcompile.backends.hooked import FFI_HELPERS
 from qcompile.errors import BackendError
 
 from .build import compile_source
@@ -43,46 +44,7 @@ typedef void (*qc_ffi_run_fn)(const uint8_t*, const float*, const float*, const 
                               const float*, const float*, float*, int64_t, int64_t, int64_t,
                               int64_t, int64_t);
 
-static int qc_ffi_fail(const char* fn, const char* what, const char* arg) {
-  char msg[320];
-  snprintf(msg, sizeof msg, "%s: %s%s", fn, arg ? arg : "", what);
-  TVMFFIErrorSetRaisedFromCStr("ValueError", msg);
-  return -1;
-}
-
-/* The DLTensor of an argument (a Tensor object or a raw DLTensor*), else NULL. */
-static DLTensor* qc_ffi_tensor(const TVMFFIAny* a) {
-  if (a->type_index == kTVMFFITensor)
-    return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
-  if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
-  return NULL;
-}
-
-static int64_t qc_ffi_numel(const DLTensor* t) {
-  int64_t n = 1;
-  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
-  return n;
-}
-
-/* NULL when t is a compact row-major CPU tensor of the dtype, else what is wrong. */
-static const char* qc_ffi_check(const DLTensor* t, uint8_t code, uint8_t bits) {
-  if (!t) return " is not a tensor";
-  if (t->device.device_type != kDLCPU) return " is not on the CPU";
-  if (t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1)
-    return code == kDLFloat ? " is not float32" : " is not uint8";
-  if (t->ndim < 1) return " is a scalar";
-  if (t->strides) {
-    int64_t s = 1;
-    for (int i = t->ndim - 1; i >= 0; --i) {
-      if (t->shape[i] != 1 && t->strides[i] != s) return " is not contiguous";
-      s *= t->shape[i];
-    }
-  }
-  return NULL;
-}
-
-static void* qc_ffi_data(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
-
+""" + FFI_HELPERS + r"""
 typedef struct {
   qc_ffi_run_fn run;
   const float* x; const uint8_t* w; const float* sc; const float* bias; float* y;
@@ -110,42 +72,42 @@ static int qc_ffi_task(int task, TVMParallelGroupEnv* env, void* data) {
 static int qc_ffi_matmul(const char* fn, qc_ffi_run_fn run, int64_t G, int64_t bm, int64_t wg,
                          int64_t sg, const TVMFFIAny* args, int32_t nargs) {
   if (nargs != 4 && nargs != 5)
-    return qc_ffi_fail(fn, "takes (x, w, sc, y) or (x, w, sc, bias, y)", NULL);
+    return qc_ffi_fail(fn, NULL, "takes (x, w, sc, y) or (x, w, sc, bias, y)");
   DLTensor* x = qc_ffi_tensor(&args[0]);
   DLTensor* w = qc_ffi_tensor(&args[1]);
   DLTensor* sc = qc_ffi_tensor(&args[2]);
   DLTensor* b = nargs == 5 ? qc_ffi_tensor(&args[3]) : NULL;
   DLTensor* y = qc_ffi_tensor(&args[nargs - 1]);
   const char* e;
-  if ((e = qc_ffi_check(x, kDLFloat, 32))) return qc_ffi_fail(fn, e, "x");
-  if ((e = qc_ffi_check(w, kDLUInt, 8))) return qc_ffi_fail(fn, e, "w");
-  if ((e = qc_ffi_check(sc, kDLFloat, 32))) return qc_ffi_fail(fn, e, "sc");
-  if (nargs == 5 && (e = qc_ffi_check(b, kDLFloat, 32))) return qc_ffi_fail(fn, e, "bias");
-  if ((e = qc_ffi_check(y, kDLFloat, 32))) return qc_ffi_fail(fn, e, "y");
+  if ((e = qc_ffi_check(x, kDLFloat, 32, " is not float32"))) return qc_ffi_fail(fn, "x", e);
+  if ((e = qc_ffi_check(w, kDLUInt, 8, " is not uint8"))) return qc_ffi_fail(fn, "w", e);
+  if ((e = qc_ffi_check(sc, kDLFloat, 32, " is not float32"))) return qc_ffi_fail(fn, "sc", e);
+  if (nargs == 5 && (e = qc_ffi_check(b, kDLFloat, 32, " is not float32"))) return qc_ffi_fail(fn, "bias", e);
+  if ((e = qc_ffi_check(y, kDLFloat, 32, " is not float32"))) return qc_ffi_fail(fn, "y", e);
   const int64_t k = x->shape[x->ndim - 1], n = y->shape[y->ndim - 1];
   const int64_t m = k ? qc_ffi_numel(x) / k : 0;
   const int64_t kp = (k + 31) / 32 * 32, tiles = (n + bm - 1) / bm;
-  if (kp % G) return qc_ffi_fail(fn, " (K) is no multiple of the activation group", "x");
-  if (qc_ffi_numel(y) != m * n) return qc_ffi_fail(fn, " does not have x's rows", "y");
+  if (kp % G) return qc_ffi_fail(fn, "x", " (K) is no multiple of the activation group");
+  if (qc_ffi_numel(y) != m * n) return qc_ffi_fail(fn, "y", " does not have x's rows");
   if (qc_ffi_numel(w) != tiles * (kp / G) * wg)
-    return qc_ffi_fail(fn, " does not match K and N (packed for another shape or kernel?)", "w");
+    return qc_ffi_fail(fn, "w", " does not match K and N (packed for another shape or kernel?)");
   if (qc_ffi_numel(sc) != tiles * (kp / G) * sg)
-    return qc_ffi_fail(fn, " does not match K and N (packed for another shape or kernel?)", "sc");
-  if (nargs == 5 && qc_ffi_numel(b) != n) return qc_ffi_fail(fn, " is not of size N", "bias");
+    return qc_ffi_fail(fn, "sc", " does not match K and N (packed for another shape or kernel?)");
+  if (nargs == 5 && qc_ffi_numel(b) != n) return qc_ffi_fail(fn, "bias", " is not of size N");
   if (m == 0 || n == 0) return 0;
   const int64_t ng = kp / G, tqb = (m * kp * 4 + 63) / 64 * 64;
   int8_t* tq = (int8_t*)aligned_alloc(64, (size_t)tqb);
   float* tsh = (float*)malloc(sizeof(float) * (size_t)(m * ng * 2));
   if (!tq || !tsh) {
     free(tq); free(tsh);
-    return qc_ffi_fail(fn, "out of memory for the activation tables", NULL);
+    return qc_ffi_fail(fn, NULL, "out of memory for the activation tables");
   }
   qc_ffi_job job = {run, (const float*)qc_ffi_data(x), (const uint8_t*)qc_ffi_data(w),
                     (const float*)qc_ffi_data(sc), b ? (const float*)qc_ffi_data(b) : NULL,
                     (float*)qc_ffi_data(y), tq, tsh, tsh + m * ng, m, n, k, kp, G, tiles};
   int rc = TVMBackendParallelLaunch(qc_ffi_task, &job, 0);
   free(tq); free(tsh);
-  return rc ? qc_ffi_fail(fn, "the TVM thread pool failed", NULL) : 0;
+  return rc ? qc_ffi_fail(fn, NULL, "the TVM thread pool failed") : 0;
 }
 """
 
