@@ -53,7 +53,9 @@ def _machine() -> str:
         cores = os.cpu_count()
     # the thread count the kernels will use (TVM's pool and the LUT kernels read the same
     # variables, then the affinity), resolved without starting TVM
-    return f"{model}|cores={cores}|threads={_threads()}|qcompile={__version__}|tvm={tvm}"
+    from qcompile import isa
+    return (f"{model}|cores={cores}|threads={_threads()}|isa={isa.level()}|"
+            f"qcompile={__version__}|tvm={tvm}")
 
 
 def _load() -> dict:

@@ -34,3 +34,21 @@ def mlp_graph() -> Graph:
 def tiny_mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def pytest_generate_tests(metafunc):
+    """``isa_level``: the test runs once per instruction-set level this host supports
+    (``qcompile.isa.supported_levels()``: generic, avx2, avx512, amx), with ``QCOMPILE_ISA``
+    capping code generation and kernel choice at that level, so an AVX-512 host also proves
+    the AVX2 and portable paths."""
+    if "isa_level" in metafunc.fixturenames:
+        from qcompile import isa
+        metafunc.parametrize("isa_level", isa.supported_levels(), indirect=True)
+
+
+@pytest.fixture
+def isa_level(request, monkeypatch) -> str:
+    """The level this run of a kernel test is capped at (see ``pytest_generate_tests``)."""
+    from qcompile import isa
+    monkeypatch.setenv(isa.ENV, request.param)
+    return request.param

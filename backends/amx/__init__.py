@@ -20,7 +20,7 @@ import json
 
 from qcompile.backends.base import register_backend
 from qcompile.backends.hooked import HookedCpuBackend, load_library_bytes, read_kernel_files
-from qcompile.backends.tvm import TVMExecutable
+from qcompile.backends.tvm import TVMExecutable, isa_record
 from qcompile.errors import ArtifactError, ConfigError
 from qcompile.ir.graph import Graph
 
@@ -68,8 +68,9 @@ class AmxExecutable(TVMExecutable):
     starts."""
 
     def __init__(self, graph: Graph, target: str, ex, params, kernels, library: bytes | None,
-                 module, report=None, fallbacks=None, taken=None):
-        super().__init__(graph, target, ex, params, report)
+                 module, report=None, fallbacks=None, taken=None,
+                 isa=None):
+        super().__init__(graph, target, ex, params, report, isa)
         self.kernels = list(kernels)
         self.library = library
         self.module = module
@@ -128,7 +129,7 @@ class AmxBackend(HookedCpuBackend):
         module = ffi.load(lib) if lib is not None else None
         return AmxExecutable(graph, target, ex, params, hook.kernels,
                              lib.read_bytes() if lib is not None else None, module, L.report,
-                             hook.fallbacks, hook.taken)
+                             hook.fallbacks, hook.taken, isa=isa_record("cpu"))
 
 
 register_backend(AmxBackend())

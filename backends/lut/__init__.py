@@ -18,7 +18,7 @@ import json
 
 from qcompile.backends.base import register_backend
 from qcompile.backends.hooked import HookedCpuBackend, load_library_bytes, read_kernel_files
-from qcompile.backends.tvm import TVMExecutable
+from qcompile.backends.tvm import TVMExecutable, isa_record
 from qcompile.errors import BackendError, ConfigError
 from qcompile.ir.graph import Graph
 
@@ -66,8 +66,8 @@ class LutExecutable(TVMExecutable):
     starts."""
 
     def __init__(self, graph: Graph, target: str, ex, params, configs, library: bytes | None,
-                 module, report=None, fallbacks=None):
-        super().__init__(graph, target, ex, params, report)
+                 module, report=None, fallbacks=None, isa=None):
+        super().__init__(graph, target, ex, params, report, isa)
         self.configs = list(configs)
         self.library = library
         self.module = module
@@ -120,7 +120,7 @@ class LutBackend(HookedCpuBackend):
         module = ffi.load(lib) if lib is not None else None
         return LutExecutable(graph, target, ex, params, hook.configs,
                              lib.read_bytes() if lib is not None else None, module, L.report,
-                             hook.fallbacks)
+                             hook.fallbacks, isa=isa_record("cpu"))
 
 
 register_backend(LutBackend())

@@ -24,7 +24,7 @@ from qcompile.errors import BackendError
 from .codegen import KernelConfig, generate
 from .weights import PackedWeight
 
-__all__ = ["cache_dir", "host_variants", "compiler", "compile_source", "LutLibrary", "CFLAGS"]
+__all__ = ["cache_dir", "host_variants", "VARIANT_FEATURES", "compiler", "compile_source", "LutLibrary", "CFLAGS"]
 
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
           "-fvisibility=hidden", "-fopenmp", "-fno-strict-aliasing")
@@ -51,32 +51,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+#: the instruction-set features each kernel variant needs (LLVM names, :mod:`qcompile.isa`)
+VARIANT_FEATURES = {
+    "vpermb": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi",
+                         "avx512vnni"}),
+    "shufb512": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl"}),
+    "shufb256": frozenset({"avx2", "fma"}),
+    "c": frozenset(),
+}
 
 
 def host_variants() -> list[str]:
-    """Kernel variants this CPU runs, fastest first (the portable one always)."""
+    """Kernel variants this CPU runs at the level ``QCOMPILE_ISA`` allows, fastest first (the
+    portable one always)."""
+    from qcompile import isa
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["c"]
-    f = _cpu_flags()
-    out = []
-    base512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= f
-    if base512 and {"avx512vbmi", "avx512_vnni"} <= f:
-        out.append("vpermb")
-    if base512:
-        out.append("shufb512")
-    if {"avx2", "fma"} <= f:
-        out.append("shufb256")
-    out.append("c")
-    return out
+    have = isa.allowed_features()
+    return [v for v, need in VARIANT_FEATURES.items() if need <= have]
 
 
 def compiler() -> str:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import LutLibrary, _cpu_flags, _threads, cache_dir, cpu_model, host_variants
+from qcompile import isa
+
+from .build import LutLibrary, _threads, cache_dir, cpu_model, host_variants
 from .codegen import VARIANT_LAYOUT, KernelConfig
 from .weights import LutWeight, pack
 
@@ -38,7 +40,7 @@ def m_bucket(m: int | None) -> int:
 
 def machine_key() -> str:
     """A short hash of what a tuning result depends on: CPU model, ISA flags, threads."""
-    raw = "|".join([platform.machine(), cpu_model(), " ".join(sorted(_cpu_flags())),
+    raw = "|".join([platform.machine(), cpu_model(), " ".join(sorted(isa.host_features())),
                     str(_threads())])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

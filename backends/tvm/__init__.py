@@ -17,12 +17,19 @@ import numpy as np
 import torch
 
 from qcompile.backends.base import Backend, register_backend
-from qcompile.backends.tvm.target import CROSS, cpu_target, cuda_target, host_cpu, require_tvm
+from qcompile.backends.tvm.target import (
+    CROSS,
+    cpu_target,
+    cuda_target,
+    host_cpu,
+    require_tvm,
+    target_features,
+)
 from qcompile.errors import BackendError
 from qcompile.interpreter import bind_inputs
 from qcompile.ir.graph import Graph, Node
 
-__all__ = ["TVMBackend", "TVMExecutable", "build"]
+__all__ = ["TVMBackend", "TVMExecutable", "build", "isa_record"]
 
 CUDA_ARCH = {"cuda": "sm_80", "cuda-sm80": "sm_80", "cuda-sm90": "sm_90"}
 LIBRARY, PARAMS = "model.so", "tvm_params.safetensors"
@@ -37,6 +44,16 @@ def _tvm_target(target: str):
         return t, host_cpu(t)
     t = cpu_target()
     return t, host_cpu(t)
+
+
+def isa_record(target: str) -> dict | None:
+    """What a ``target`` build made here needs of the CPU that loads it (the manifest's
+    ``isa``: the :mod:`qcompile.isa` level and the x86 features its code may use); None for
+    CUDA and cross targets, which are not checked against this machine."""
+    if target in CUDA_ARCH or target.startswith("cpu-"):
+        return None
+    from qcompile import isa
+    return {"level": isa.level(), "features": target_features(cpu_target())}
 
 
 def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hook=None,
@@ -80,12 +97,16 @@ def build(graph: Graph, target: str = "cpu", *, kernels: bool = True, linear_hoo
 class TVMExecutable:
     """The compiled model on the Relax VM: torch/numpy in, torch out."""
 
-    def __init__(self, graph: Graph, target: str, ex, params: list[np.ndarray], report=None):
+    def __init__(self, graph: Graph, target: str, ex, params: list[np.ndarray], report=None,
+                 isa: dict | None = None):
         self.graph = graph
         self.target = target
         self.ex = ex
         self.params = params
         self.report = dict(report or {})
+        #: what the compiled code needs of the CPU (:func:`isa_record`; None when loaded: the
+        #: manifest holds it)
+        self.isa = isa
         self._vm = None
 
     def _ready(self):
@@ -188,7 +209,7 @@ class TVMBackend(Backend):
 
     def lower(self, graph: Graph, target: str, *, tune_trials: int = 0):
         ex, params, L = build(graph, target, tune_trials=tune_trials)
-        return TVMExecutable(graph, target, ex, params, L.report)
+        return TVMExecutable(graph, target, ex, params, L.report, isa_record(target))
 
     def artifacts(self, executable) -> dict[str, bytes]:
         return executable.files()

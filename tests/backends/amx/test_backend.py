@@ -20,14 +20,14 @@ import qcompile
 from qcompile import zoo
 from qcompile.backends.amx import format as F
 from qcompile.backends.amx.lower import _pad16, choose_sparse
-from qcompile.backends.lut.build import _cpu_flags
+from qcompile import isa
 from qcompile.config import QuantConfig
 from qcompile.errors import ArtifactError, BackendError
 from qcompile.interpreter import Interpreter
 
-_SPARSE_ISA = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2", "avx512_vnni"}
+_SPARSE_ISA = {"avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi2", "avx512vnni"}
 needs_tvm = pytest.mark.skipif(find_spec("tvm") is None, reason="target amx needs Apache TVM")
-needs_avx512 = pytest.mark.skipif(not _SPARSE_ISA <= _cpu_flags(),
+needs_avx512 = pytest.mark.skipif(not _SPARSE_ISA <= isa.host_features(),
                                   reason="the sparse kernels need AVX-512 BF16/VBMI2/VNNI")
 pytestmark = needs_tvm
 
