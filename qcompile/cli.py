@@ -1,10 +1,13 @@
-"""The ``qcompile`` command: ``inspect``, ``build``, ``run`` and ``bench``."""
+"""The ``qcompile`` command: ``inspect``, ``build``, ``run``, ``bench`` and ``info``."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,6 +98,8 @@ def _labels(path: str | None):
 
 def cmd_build(a) -> int:
     import qcompile
+    from qcompile.runtime import check_destination
+    check_destination(a.output, overwrite=a.force)  # refuse before the (slow) compile
     model, inputs, dyn = _load_model(a.model)
     t0 = time.perf_counter()
     names = list(inputs) if isinstance(inputs, dict) else None
@@ -104,7 +109,7 @@ def cmd_build(a) -> int:
     plan = cm.graph.meta.get("mixed_precision")
     if plan is not None:
         print(plan)
-    out = cm.save(a.output)
+    out = cm.save(a.output, overwrite=a.force)
     print(f"built {a.model} for {a.target} in {time.perf_counter() - t0:.2f}s -> {out}")
     return 0
 
@@ -148,6 +153,204 @@ def cmd_bench(a) -> int:
     return 0
 
 
+# -- info ---------------------------------------------------------------------------------
+#: (label, LLVM feature name) of the AVX-512 subsets ``info`` reports
+_AVX512 = (("F", "avx512f"), ("BW", "avx512bw"), ("DQ", "avx512dq"), ("VL", "avx512vl"),
+           ("VNNI", "avx512vnni"), ("BF16", "avx512bf16"), ("VBMI", "avx512vbmi"),
+           ("VBMI2", "avx512vbmi2"), ("VPOPCNTDQ", "avx512vpopcntdq"), ("FP16", "avx512fp16"))
+_AMX = (("tile", "amx-tile"), ("int8", "amx-int8"), ("bf16", "amx-bf16"))
+
+
+def _guarded(fn, *args):
+    """``fn(*args)``, or ``"unknown (<reason>)"`` when it fails (a missing compiler, a kernel
+    library that does not build): ``info`` reports what it can rather than stopping."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"unknown ({reason})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _caches() -> dict[str, str]:
+    """``{"L1d": "48 KiB", "L2": "2 MiB", ...}`` from ``/sys/devices/system/cpu/cpu0/cache``
+    (empty where it is absent)."""
+    out: dict[str, str] = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            lv, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        name = f"L{lv}" + {"Data": "d", "Instruction": "i"}.get(kind, "")
+        out[name] = _size(size)
+    return out
+
+
+def _size(text: str) -> str:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    n = int(text[:-1]) * units[text[-1]] if text[-1:] in units and text[:-1].isdigit() else None
+    if n is None:
+        return text
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def _tool_version(*cmd: str) -> str | None:
+    """The first line of ``cmd --version``, or None when the tool is not on PATH."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({e})"
+    lines = (r.stdout or r.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _targets(tvm_error: str | None, sparse) -> dict[str, str]:
+    """Each registered target and whether it runs here (and, if not, why)."""
+    import qcompile
+    cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = shutil.which(os.environ.get("CXX") or "c++")
+    out = {}
+    for t in qcompile.targets():
+        if t == "reference":
+            status = "runs here (torch)"
+        elif tvm_error is not None and (t.startswith(("cpu", "cuda")) or t in ("lut", "amx")):
+            status = f"unavailable ({tvm_error})"
+        elif t == "cpu":
+            status = "runs here"
+        elif t.startswith("cpu-"):
+            status = "build only (a cross target)"
+        elif t.startswith("cuda"):
+            import torch
+            missing = [w for w, ok in (("nvcc", shutil.which("nvcc")),
+                                       ("a CUDA GPU", torch.cuda.is_available())) if not ok]
+            status = "runs here" if not missing else f"unavailable (needs {' and '.join(missing)})"
+        elif t == "lut":
+            status = "runs here" if cc else "unavailable (needs a C compiler)"
+        elif t == "amx":
+            status = ("unavailable (needs a C++ compiler)" if not cxx else
+                      f"runs here (sparse kernels: {sparse})" if sparse and not
+                      str(sparse).startswith("unknown") else
+                      f"runs here (pruned linears use the dense cpu kernels; sparse kernels: "
+                      f"{sparse or 'none on this CPU'})")
+        else:
+            status = "registered"
+        out[t] = status
+    return out
+
+
+def host_info() -> dict:
+    """What ``qcompile info`` reports, as a JSON-able dict."""
+    import torch
+
+    import qcompile
+    from qcompile import isa
+    level = isa.describe()  # first: an invalid QCOMPILE_ISA is a ConfigError, reported cleanly
+    have = isa.host_features()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        from qcompile.backends.tvm.target import cpu_target, require_tvm
+        tvm = require_tvm()
+        tvm_version, tvm_error = tvm.__version__, None
+        mcpu = _guarded(lambda: str(cpu_target().attrs["mcpu"]))
+    except Exception as e:  # noqa: BLE001 - no TVM: the TVM targets are reported unavailable
+        tvm_version, tvm_error, mcpu = None, str(e).splitlines()[0], None
+
+    def amx_os():
+        from qcompile.backends.amx.build import amx_available
+        return bool(amx_available())
+
+    def sparse_kind():
+        from qcompile.backends.amx.build import best_kind
+        return best_kind()
+
+    def lut_variants():
+        from qcompile.backends.lut.build import host_variants
+        return list(host_variants())
+
+    cpuid_amx = all(f in have for _, f in _AMX)
+    granted = _guarded(amx_os) if cpuid_amx else False
+    sparse = _guarded(sparse_kind)
+    return {
+        "cpu": {
+            "model": _cpu_model(), "machine": platform.machine(), "cores": cores,
+            "avx2": "avx2" in have, "fma": "fma" in have,
+            "avx512": {label: f in have for label, f in _AVX512},
+            "amx": {label: f in have for label, f in _AMX},
+            "amx_os_grants": granted,
+            "cache": _caches(),
+        },
+        "isa": level,
+        "targets": _targets(tvm_error, sparse),
+        "kernels": {"tvm_mcpu": mcpu, "lut_variants": _guarded(lut_variants),
+                    "sparse": sparse},
+        "versions": {"qcompile": qcompile.__version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "tvm": tvm_version,
+                     "cc": _tool_version(os.environ.get("CC") or "cc"),
+                     "c++": _tool_version(os.environ.get("CXX") or "c++"),
+                     "onnxruntime": _package_version("onnxruntime")},
+    }
+
+
+def _yes(v) -> str:
+    return "yes" if v is True else "no" if v is False else str(v)
+
+
+def format_info(info: dict) -> str:
+    c, lv, k = info["cpu"], info["isa"], info["kernels"]
+    lut = k["lut_variants"]
+    cap = f"{lv['cap']}" if lv["cap"] else "unset"
+    lines = [
+        f"cpu          {c['model']} ({c['machine']}, {c['cores']} cores usable)",
+        f"avx2 / fma   {_yes(c['avx2'])} / {_yes(c['fma'])}",
+        "avx-512      " + " ".join(f"{n}:{_yes(v)}" for n, v in c["avx512"].items()),
+        "amx (cpuid)  " + " ".join(f"{n}:{_yes(v)}" for n, v in c["amx"].items())
+        + f"   granted by the OS: {_yes(c['amx_os_grants'])}",
+        "cache        " + (", ".join(f"{n} {s}" for n, s in c["cache"].items()) or "unknown"),
+        f"isa level    {lv['level']} (host {lv['host_level']}, QCOMPILE_ISA {cap})",
+        f"features     {' '.join(lv['features']) or 'none beyond x86-64'}",
+        "targets",
+        *(f"  {t:<12} {s}" for t, s in info["targets"].items()),
+        "kernels",
+        f"  tvm mcpu   {k['tvm_mcpu'] or 'n/a (no TVM)'}",
+        f"  lut        {', '.join(lut) if isinstance(lut, list) else lut}",
+        f"  sparse     {k['sparse'] or 'none (pruned linears use the dense cpu kernels)'}",
+        "versions",
+        *(f"  {n:<12} {v or 'not installed'}" for n, v in info["versions"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_info(a) -> int:
+    info = host_info()
+    print(json.dumps(info, indent=1) if a.json else format_info(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcompile", description="Compile quantized neural networks.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -169,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune with N measured trials per workload (target cpu: MetaSchedule, "
                         "records cached per shape in ~/.cache/qcompile); 0, the default, "
                         "does not tune")
+    s.add_argument("--force", action="store_true",
+                   help="replace whatever is at the output path; without it only an existing "
+                        "artifact (or an empty directory) is replaced")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("run", help="run a built artifact on .npy inputs")
     s.add_argument("artifact", help="directory written by `qcompile build`")
@@ -180,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", action="append")
     s.add_argument("--repeat", type=int, default=20)
     s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("info", help="print this machine's CPU features, the instruction-set "
+                                    "level, the targets and kernels that run here and versions")
+    s.add_argument("--json", action="store_true", help="print the same as one JSON object")
+    s.set_defaults(fn=cmd_info)
     return p
 
 

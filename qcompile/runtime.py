@@ -16,7 +16,8 @@ from qcompile.errors import ArtifactError, InputError
 from qcompile.ir.graph import Graph
 from qcompile.ir.serialize import graph_to_json, load_graph, save_graph
 
-__all__ = ["CompiledModel", "load", "LAYER_OPS"]
+__all__ = ["CompiledModel", "load", "is_artifact", "check_destination", "check_isa",
+           "LAYER_OPS"]
 
 MANIFEST_VERSION = 1
 #: ops listed as layers in ``summary()``
@@ -56,12 +57,16 @@ class CompiledModel:
     order of ``graph.inputs``, or by input name)."""
 
     def __init__(self, graph: Graph, target: str, executable, *, config: Any = None,
-                 timings: dict | None = None):
+                 timings: dict | None = None, isa: dict | None = None):
         self.graph = graph
         self.target = target
         self._exec = executable
         self.config = config
         self.timings = dict(timings or {})
+        #: what the compiled code needs of the CPU, ``{"level": ..., "features": [...]}``
+        #: (:mod:`qcompile.isa`), or None when it needs nothing checkable (reference, CUDA,
+        #: cross targets): the executable's at compile time, the manifest's when loaded
+        self.isa = isa if isa is not None else getattr(executable, "isa", None)
 
     @property
     def input_names(self) -> list[str]:
@@ -105,7 +110,9 @@ class CompiledModel:
                            "activations": str(act.quant) if act is not None and act.quant
                            else (act.dtype if act is not None else None),
                            "target": self.target})
-        return {"target": self.target, "inputs": {v.name: str(v.type) for v in self.graph.inputs},
+        return {"target": self.target,
+                **({"isa": self.isa["level"]} if self.isa is not None else {}),
+                "inputs": {v.name: str(v.type) for v in self.graph.inputs},
                 "outputs": {v.name: str(v.type) for v in self.graph.outputs},
                 "nodes": len(self.graph.nodes), "constants": len(self.graph.constants),
                 "parameters": int(sum(t.numel() for t in self.graph.constants.values())),
@@ -117,13 +124,21 @@ class CompiledModel:
         return f"<CompiledModel target={self.target!r} {self.graph!r}>"
 
     # -- artifacts ------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the artifact atomically: everything goes to a temporary directory beside the
-        destination, which is renamed into place only when complete."""
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the artifact to ``directory`` and return its resolved path.
+
+        Nothing is lost: an existing artifact is replaced, but any other file or non-empty
+        directory there is refused with an ``ArtifactError`` unless ``overwrite=True``.
+        Everything is written to a temporary directory beside the destination and renamed into
+        place only when complete; if anything fails, what was there before stays (an old
+        artifact whole and loadable) and no temporary directory is left behind."""
         from qcompile.backends import get_backend
-        dest = Path(directory).resolve()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        dest = check_destination(directory, overwrite=overwrite)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        except OSError as e:
+            raise _unwritable(dest, e) from None
         try:
             save_graph(self.graph, tmp)
             for fname, data in get_backend(self.target).artifacts(self._exec).items():
@@ -133,18 +148,83 @@ class CompiledModel:
                         "target": self.target, "graph_hash": graph_hash(self.graph),
                         "inputs": [v.name for v in self.graph.inputs],
                         "files": {f: _sha256(tmp / f) for f in files}}
+            if self.isa is not None:
+                manifest["isa"] = self.isa
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                dest.rename(old)
-                tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(dest)
+            _swap_into_place(tmp, dest)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _unwritable(dest, e) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a readable qcompile ``manifest.json`` (one with
+    a ``manifest_version``): what ``save()`` may replace without ``overwrite=True``."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "manifest_version" in manifest
+
+
+def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The resolved path ``save()`` would write, or an ``ArtifactError`` when saving there
+    would lose something (a file, or a non-empty directory that is not a qcompile artifact,
+    unless ``overwrite``) or cannot work (a parent that is not a writable directory). Cheap,
+    so the CLI calls it before compiling."""
+    dest = Path(directory).expanduser().resolve()
+    if not dest.name:
+        raise ArtifactError(f"cannot save an artifact as {dest}", hint="give a directory name")
+    if not overwrite and (dest.exists() or dest.is_symlink()):
+        what = None
+        if not dest.is_dir():
+            what = "a file"
+        elif not is_artifact(dest) and any(dest.iterdir()):
+            what = "a non-empty directory that is not a qcompile artifact (no manifest.json)"
+        if what is not None:
+            raise ArtifactError(f"{dest} exists and is {what}; saving there would replace it",
+                                hint="choose another output path, remove it, or pass "
+                                     "overwrite=True (`qcompile build --force`) to replace it")
+    parent = dest.parent
+    while not parent.exists():  # the nearest existing ancestor is where directories get made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot save an artifact as {dest}: {parent} is not a directory",
+                            hint="choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _unwritable(dest, PermissionError(13, "Permission denied", str(parent)))
+    return dest
+
+
+def _unwritable(dest: Path, e: OSError) -> ArtifactError:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return ArtifactError(f"cannot write the artifact {dest}: {e.strerror or e}{where}",
+                         hint=f"make {dest.parent} writable, free space there, or choose "
+                              "another output path")
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the complete artifact ``tmp`` to ``dest``. What is at ``dest`` is first renamed
+    aside and deleted only once ``tmp`` is in place; should that second rename fail, it is
+    renamed back, so ``dest`` never ends up half-written or lost."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(tmp, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{tmp.name[-8:]}")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def load(directory: str | os.PathLike) -> CompiledModel:
@@ -175,6 +255,7 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         if versions.get(k) != mine[k]:
             raise ArtifactError(f"artifact was built with {k} {versions.get(k)}, this is {mine[k]}",
                                 hint="rebuild the artifact with the installed versions")
+    check_isa(manifest, d)
     present = {p.name for p in d.iterdir() if p.name != "manifest.json"}
     if present != set(files):
         raise ArtifactError(f"artifact files {sorted(present)} differ from the manifest's "
@@ -188,4 +269,45 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise ArtifactError("the graph's hash does not match the manifest")
     backend = get_backend(target)
     extra = {f: (d / f).read_bytes() for f in files if f not in ("graph.json", "params.safetensors")}
-    return CompiledModel(graph, target, backend.load(graph, target, extra))
+    return CompiledModel(graph, target, backend.load(graph, target, extra),
+                         isa=manifest.get("isa"))
+
+
+def _feature_key(name: str) -> str:
+    """A feature name as both spellings compare: LLVM's ``sse4.2`` is ``/proc/cpuinfo``'s
+    ``sse4_2``, which :func:`qcompile.isa.host_features` gives as ``sse42``."""
+    return name.replace(".", "").replace("_", "")
+
+
+def check_isa(manifest: dict, directory: str | os.PathLike = "the artifact") -> None:
+    """Refuse, with an ``ArtifactError`` that says how to rebuild, an artifact whose code
+    needs CPU features this machine lacks or ``QCOMPILE_ISA`` forbids (its manifest's
+    ``isa``, written when the code was built for the host CPU)."""
+    from qcompile import isa
+    rec = manifest.get("isa")
+    if rec is None:
+        return
+    if not (isinstance(rec, dict) and isinstance(rec.get("level"), str)
+            and isinstance(rec.get("features"), list)
+            and all(isinstance(f, str) for f in rec["features"])):
+        raise ArtifactError(f"{directory}/manifest.json is corrupt: 'isa' must be "
+                            f"{{'level': str, 'features': [str]}}, got {rec!r}")
+    allowed = {_feature_key(f) for f in isa.allowed_features()}
+    missing = sorted(f for f in set(rec["features"]) if _feature_key(f) not in allowed)
+    if not missing:
+        return
+    here, cap = isa.level(), isa.cap()
+    host = {_feature_key(f) for f in isa.host_features()}
+    hidden = sorted(f for f in missing if _feature_key(f) in host)
+    why = (f"; this CPU has {', '.join(hidden)} but {isa.ENV}={cap} hides "
+           f"{'it' if len(hidden) == 1 else 'them'}" if hidden and cap is not None else "")
+    target = manifest.get("target", "cpu")
+    build = f"qcompile build MODEL --target {target} -o {directory}"
+    hint = (f"rebuild it on this machine (`{build}`), or build a portable artifact on the "
+            f"build machine with `{isa.ENV}={here} {build}`")
+    if hidden == missing and cap is not None:
+        hint = f"unset {isa.ENV} (or set it to {rec['level']}), or " + hint
+    raise ArtifactError(f"{directory} was built for instruction-set level {rec['level']} and "
+                        f"its code uses CPU features this machine does not allow: "
+                        f"{', '.join(missing)} (this machine runs at level {here}, host "
+                        f"{isa.host_level()}{why})", hint=hint)
