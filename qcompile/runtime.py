@@ -67,6 +67,9 @@ class CompiledModel:
         #: (:mod:`qcompile.isa`), or None when it needs nothing checkable (reference, CUDA,
         #: cross targets): the executable's at compile time, the manifest's when loaded
         self.isa = isa if isa is not None else getattr(executable, "isa", None)
+        #: a loaded model's artifact directory and its compiled files' SHA-256s: re-saving copies
+        #: those files (a backend need not be able to export code it loaded)
+        self._source: tuple[Path, dict[str, str]] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -132,7 +135,6 @@ class CompiledModel:
         Everything is written to a temporary directory beside the destination and renamed into
         place only when complete; if anything fails, what was there before stays (an old
         artifact whole and loadable) and no temporary directory is left behind."""
-        from qcompile.backends import get_backend
         dest = check_destination(directory, overwrite=overwrite)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,7 @@ class CompiledModel:
             raise _unwritable(dest, e) from None
         try:
             save_graph(self.graph, tmp)
-            for fname, data in get_backend(self.target).artifacts(self._exec).items():
+            for fname, data in self._compiled_files().items():
                 (tmp / fname).write_bytes(data)
             files = sorted(p.name for p in tmp.iterdir())
             manifest = {"manifest_version": MANIFEST_VERSION, "versions": _versions(),
@@ -159,6 +161,21 @@ class CompiledModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+
+    def _compiled_files(self) -> dict[str, bytes]:
+        """The backend's files for the artifact: those it was loaded from while they still
+        match the manifest they were checked against, else what the backend exports."""
+        from qcompile.backends import get_backend
+        if self._source is not None:
+            d, digests = self._source
+            try:
+                files = {f: (d / f).read_bytes() for f in digests}
+            except OSError:
+                files = {}
+            if files and all(hashlib.sha256(b).hexdigest() == digests[f] for f, b in files.items()):
+                return files
+        return get_backend(self.target).artifacts(self._exec)
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -269,8 +286,9 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         raise ArtifactError("the graph's hash does not match the manifest")
     backend = get_backend(target)
     extra = {f: (d / f).read_bytes() for f in files if f not in ("graph.json", "params.safetensors")}
-    return CompiledModel(graph, target, backend.load(graph, target, extra),
-                         isa=manifest.get("isa"))
+    cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
+    cm._source = (d.resolve(), {f: files[f] for f in extra})
+    return cm
 
 
 def _feature_key(name: str) -> str:
