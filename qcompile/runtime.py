@@ -130,8 +130,9 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the artifact to ``directory`` and return its resolved path.
 
-        Nothing is lost: an existing artifact is replaced, but any other file or non-empty
-        directory there is refused with an ``ArtifactError`` unless ``overwrite=True``.
+        Nothing is lost: an existing artifact (or an empty directory) is replaced, but any other
+        file or non-empty directory there, or an artifact that also holds files its manifest
+        does not list, is refused with an ``ArtifactError`` unless ``overwrite=True``.
         Everything is written to a temporary directory beside the destination and renamed into
         place only when complete; if anything fails, what was there before stays (an old
         artifact whole and loadable) and no temporary directory is left behind."""
@@ -190,9 +191,9 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """The resolved path ``save()`` would write, or an ``ArtifactError`` when saving there
-    would lose something (a file, or a non-empty directory that is not a qcompile artifact,
-    unless ``overwrite``) or cannot work (a parent that is not a writable directory). Cheap,
-    so the CLI calls it before compiling."""
+    would lose something (unless ``overwrite``: a file, a non-empty directory that is not a
+    qcompile artifact, an artifact holding files its manifest does not list) or cannot work
+    (a parent that is not a writable directory). Cheap, so the CLI calls it before compiling."""
     dest = Path(directory).expanduser().resolve()
     if not dest.name:
         raise ArtifactError(f"cannot save an artifact as {dest}", hint="give a directory name")
@@ -201,7 +202,10 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
         if not dest.is_dir():
             what = "a file"
         elif not is_artifact(dest) and any(dest.iterdir()):
-            what = "a non-empty directory that is not a qcompile artifact (no manifest.json)"
+            what = "a non-empty directory that is not a qcompile artifact (no qcompile manifest.json)"
+        elif extra := _unlisted(dest):
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            what = f"a qcompile artifact that also holds files it does not list ({shown})"
         if what is not None:
             raise ArtifactError(f"{dest} exists and is {what}; saving there would replace it",
                                 hint="choose another output path, remove it, or pass "
@@ -215,6 +219,19 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise _unwritable(dest, PermissionError(13, "Permission denied", str(parent)))
     return dest
+
+
+def _unlisted(directory: Path) -> list[str]:
+    """Entries of an artifact directory that its manifest does not list (someone's notes, a
+    subdirectory): replacing the artifact would delete them."""
+    try:
+        listed = json.loads((directory / "manifest.json").read_text()).get("files", {})
+        if not isinstance(listed, dict):
+            listed = {}
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name != "manifest.json" and not (p.name in listed and p.is_file()))
 
 
 def _unwritable(dest: Path, e: OSError) -> ArtifactError:

@@ -1,4 +1,5 @@
-"""The qcompile command: inspect, build, run and bench (targets reference, cpu and lut)."""
+"""The qcompile command: inspect, build, run, bench (targets reference, cpu and lut) and
+info."""
 from __future__ import annotations
 
 import json
@@ -100,5 +101,73 @@ def test_tune_trials_are_checked_before_any_work(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "qcompile", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for cmd in ("inspect", "build", "run", "bench"):
+    for cmd in ("inspect", "build", "run", "bench", "info"):
         assert cmd in out
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_build_refuses_to_replace_what_is_not_an_artifact(tmp_path, capsys, monkeypatch, what):
+    """Checked before the compile: nothing is built, nothing is touched; --force replaces it."""
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("keep me")
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("keep me")
+    compiles = []
+    real = qcompile.compile
+    monkeypatch.setattr(qcompile, "compile", lambda *a, **k: compiles.append(a) or real(*a, **k))
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ArtifactError" in err and f"{out} exists and is a" in err and "--force" in err
+    assert compiles == []
+    assert (out if what == "file" else out / "keep.txt").read_text() == "keep me"
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(out), "--force"]) == 0
+    assert len(compiles) == 1 and qcompile.load(out).target == "reference"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert main(["build", "qcompile.zoo:mlp", "-o", str(out)]) == 0  # an artifact: replaced
+
+
+def _info(capsys, *args) -> str:
+    assert main(["info", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_info_prints_cpu_isa_targets_and_versions(capsys, monkeypatch):
+    from qcompile import isa
+    monkeypatch.delenv(isa.ENV, raising=False)
+    out = _info(capsys)
+    assert f"isa level    {isa.level()} (host {isa.host_level()}, QCOMPILE_ISA unset)" in out
+    for f in isa.describe()["features"]:
+        assert f in out
+    for word in ("avx-512", "VNNI", "amx", "granted by the OS", "cache", "reference",
+                 "runs here", "torch", "lut"):
+        assert word in out, word
+    info = json.loads(_info(capsys, "--json"))
+    assert info["isa"] == isa.describe()
+    assert info["cpu"]["avx2"] == ("avx2" in isa.host_features())
+    assert set(info["cpu"]["avx512"]) == {"F", "BW", "DQ", "VL", "VNNI", "BF16", "VBMI",
+                                          "VBMI2", "VPOPCNTDQ", "FP16"}
+    assert info["targets"]["reference"].startswith("runs here")
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["cpu"]["cores"] >= 1
+
+
+def test_info_follows_the_isa_cap(capsys, monkeypatch):
+    from qcompile import isa
+    if "avx2" not in isa.supported_levels():
+        pytest.skip("the host has no AVX2")
+    monkeypatch.setenv(isa.ENV, "avx2")
+    info = json.loads(_info(capsys, "--json"))
+    assert info["isa"]["level"] == "avx2" and info["isa"]["cap"] == "avx2"
+    assert not [f for f in info["isa"]["features"] if f.startswith("avx512")]
+    if info["versions"]["tvm"] is not None:
+        assert info["kernels"]["tvm_mcpu"] == "x86-64-v3"
+    assert "isa level    avx2 (host" in _info(capsys)
+
+
+def test_info_with_an_invalid_isa_cap_is_a_clean_error(capsys, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_ISA", "avx9000")
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "QCOMPILE_ISA='avx9000'" in err and "Traceback" not in err

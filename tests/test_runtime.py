@@ -226,6 +226,11 @@ def test_replacing_an_artifact_needs_no_overwrite(compiled, tmp_path, mlp_graph)
     assert qcompile.runtime.is_artifact(d)
     other.save(d)  # an artifact is what save() writes, so replacing one loses nothing
     assert qcompile.load(d).graph.name == "mlp" and _leftovers(tmp_path, {"art"}) == []
+    (d / "notes.txt").write_text("benchmarked on host A")  # not the artifact's: kept
+    with pytest.raises(ArtifactError, match="artifact that also holds files it does not list "
+                                            r"\(notes.txt\)"):
+        cm.save(d)
+    assert (d / "notes.txt").read_text() == "benchmarked on host A"
 
 
 def test_interrupted_replace_keeps_the_old_artifact_byte_identical(compiled, tmp_path,
