@@ -1,10 +1,12 @@
 """Building the SparAMX-style kernels (``csrc/sparamx.cc``) with the system C++ compiler and
 calling them through ctypes.
 
-``kind``: ``"avx512"`` (the kernels that run on any AVX-512 BF16/VBMI2/VNNI CPU), ``"amx"``
-(hardware tiles; refused with a clear error where the runtime gate says no) or ``"emulated"``
-(the same AMX kernel source on the C emulation of the tile registers). :func:`best_kind`
-is what a model uses: AMX where the gate allows it, AVX-512 otherwise.
+``kind``: ``"avx512"`` (the kernels that run on any AVX-512 BF16/VBMI2/VNNI CPU), ``"avx2"``
+(the same kernels without ``vpexpand``: any AVX2 + FMA CPU), ``"amx"`` (hardware tiles;
+refused with a clear error where the runtime gate says no) or ``"emulated"`` (the same AMX
+kernel source on the C emulation of the tile registers). :func:`best_kind` is what a model
+uses: AMX where the gate allows it, else AVX-512, else AVX2, else none (the pruned linears then
+run on target ``cpu``'s dense kernels), each capped by ``QCOMPILE_ISA``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ __all__ = ["source", "library", "AmxLibrary", "amx_available", "best_kind", "KIN
            "object_instructions", "AMX_FLAGS"]
 
 CSRC = Path(__file__).parent / "csrc"
-KINDS = {"avx512": 0, "amx": 1, "emulated": 2}
+KINDS = {"avx512": 0, "amx": 1, "emulated": 2, "avx2": 3}
+#: what each kind needs at run time (``emulated`` runs on the AVX-512 kernels' instructions)
+_NEEDS = {"avx512": "avx512", "amx": "avx512", "emulated": "avx512", "avx2": "avx2"}
 #: the flags a compile-only check of the AMX code uses (the functions also carry target
 #: attributes, so the library builds without them)
 AMX_FLAGS = ("-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16", "-mavx512vbmi2",
@@ -83,23 +87,44 @@ class AmxLibrary:
         f.restype = ctypes.c_int
         self.lib.qc_amx_available.restype = ctypes.c_int
         self.lib.qc_sp_has_avx512.restype = ctypes.c_int
+        self.lib.qc_sp_has_avx2.restype = ctypes.c_int
+        self.lib.qc_sp_kind.restype = ctypes.c_int
 
     def has_avx512(self) -> bool:
+        """AVX-512 F/BW/VL with BF16, VBMI2 and VNNI (the AVX-512 and AMX kernels' needs)."""
         return bool(self.lib.qc_sp_has_avx512())
+
+    def has_avx2(self) -> bool:
+        return bool(self.lib.qc_sp_has_avx2())
+
+    def runs(self, kind: str) -> bool:
+        """Whether kernels of ``kind`` can run on this CPU (``QCOMPILE_ISA`` aside)."""
+        if kind == "amx":
+            return amx_available()
+        return self.has_avx512() if _NEEDS[kind] == "avx512" else self.has_avx2()
 
     @staticmethod
     def _ptr(a):
         return None if a is None else a.ctypes.data_as(_P)
 
-    def matmul(self, x: np.ndarray, sw: SparseWeight, bias=None, *, kind: str = "avx512",
+    def matmul(self, x: np.ndarray, sw: SparseWeight, bias=None, *, kind: str | None = None,
                nthreads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """``y = x · wᵀ (+ bias)``: bf16 weights with bf16-rounded activations, or int8 weights
-        with per-token int8 activations (``y = Σ x_q w_q · s_x · s_w``)."""
+        with per-token int8 activations (``y = Σ x_q w_q · s_x · s_w``); ``kind`` defaults to
+        :func:`best_kind`."""
+        if kind is None:
+            kind = best_kind()
+            if kind is None:
+                raise BackendError("no sparse kernel runs at this ISA level (they need AVX2 "
+                                   "and FMA at least)", hint="unset QCOMPILE_ISA or use target "
+                                   "'cpu'")
         if kind not in KINDS:
             raise BackendError(f"unknown AMX kernel kind {kind!r}", hint=f"one of {list(KINDS)}")
-        if not self.has_avx512():
-            raise BackendError("the sparse kernels need AVX-512 with BF16, VBMI2 and VNNI; this "
-                               "CPU lacks them", hint="use target 'cpu'")
+        if kind != "amx" and not self.runs(kind):
+            need = "AVX-512 with BF16, VBMI2 and VNNI" if _NEEDS[kind] == "avx512" else \
+                "AVX2 and FMA"
+            raise BackendError(f"the {kind} sparse kernels need {need}; this CPU lacks them",
+                               hint="use kind 'avx2' (any AVX2 CPU) or target 'cpu'")
         if kind == "amx" and not amx_available():
             raise BackendError("AMX is not available here (CPUID or the kernel's "
                                "ARCH_REQ_XCOMP_PERM said no)",
@@ -133,5 +158,9 @@ def amx_available() -> bool:
     return bool(library().lib.qc_amx_available())
 
 
-def best_kind() -> str:
-    return "amx" if amx_available() else "avx512"
+def best_kind() -> str | None:
+    """The kind target ``amx`` runs here: ``"amx"``, ``"avx512"``, ``"avx2"`` or None (no
+    sparse kernel: the CPU or ``QCOMPILE_ISA`` allows less than AVX2)."""
+    from qcompile import isa
+    isa.cap()  # an invalid QCOMPILE_ISA is a ConfigError, not a silent "no cap"
+    return {1: "amx", 0: "avx512", 3: "avx2"}.get(int(library().lib.qc_sp_kind()))

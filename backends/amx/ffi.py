@@ -45,7 +45,7 @@ TAG = "amx-ffi"
 #: the entry points: name -> (weight kind, sparse layout)
 KERNELS = {"bf16_sparse": ("bf16", True), "bf16_dense": ("bf16", False),
            "int8_sparse": ("int8", True), "int8_dense": ("int8", False)}
-_KINDS = {1: "amx", 0: "avx512"}
+_KINDS = {1: "amx", 0: "avx512", 3: "avx2"}
 
 _SHIM = r"""
 // ---- TVM-FFI entry points (qcompile.backends.amx.ffi): C ABI of tvm/ffi/c_api.h ----
@@ -55,16 +55,8 @@ _SHIM = r"""
 #include <tvm/runtime/c_backend_api.h>
 
 """ + FFI_HELPERS + r"""
-// The kind this machine runs: 1 AMX tiles, 0 AVX-512, -1 neither (the kernels cannot run).
-static int qc_ffi_kind(void) {
-  static std::atomic<int> k{-2};
-  int v = k.load();
-  if (v == -2) {
-    v = !qc_sp_has_avx512() ? -1 : (qc_amx_available() ? 1 : 0);
-    k.store(v);
-  }
-  return v;
-}
+// The kind this machine runs (qc_sp_kind): 1 AMX tiles, 0 AVX-512, 3 AVX2, -1 none.
+static int qc_ffi_kind(void) { return qc_sp_kind(); }
 
 struct QcFfiJob {
   int kind, sparse, int8;
@@ -90,7 +82,8 @@ static int qc_ffi_task(int task, TVMParallelGroupEnv* env, void* data) {
   }
   if (nt > 1) TVMBackendParallelBarrier(task, env);
   // AMX pairs column tiles (2x2 blocking) and takes rows 32 at a time; AVX-512 4 at a time
-  const int64_t ut = j->kind == 0 ? 1 : 2, align = j->kind == 0 ? 4 : 32;
+  const bool amx = j->kind == 1 || j->kind == 2;
+  const int64_t ut = amx ? 2 : 1, align = amx ? 32 : 4;
   const int64_t cu = (j->tiles + ut - 1) / ut;
   int64_t rb = (nt + cu - 1) / cu;  // row blocks: only when the column units are too few
   const int64_t most = (j->m + align - 1) / align;
@@ -153,7 +146,8 @@ static int qc_ffi_matmul(const char* fn, const char* usage, int int8, int sparse
   if (qc_ffi_numel(y) != m * n) return qc_ffi_fail(fn, "y", " does not have x's rows");
   if (qc_ffi_numel(of) != tiles + 1) return qc_ffi_fail(fn, "offsets", other);
   const int64_t* offs = (const int64_t*)qc_ffi_data(of);
-  if (offs[0] != 0 || offs[tiles] != qc_ffi_numel(v)) return qc_ffi_fail(fn, "values", other);
+  if (offs[0] != 0 || offs[tiles] + (sparse ? QC_SP_PAD : 0) != qc_ffi_numel(v))
+    return qc_ffi_fail(fn, "values", other);
   if (sparse ? qc_ffi_numel(mk) != tiles * rows : qc_ffi_numel(v) != tiles * rows * rv)
     return qc_ffi_fail(fn, sparse ? "masks" : "values", other);
   if (int8 && qc_ffi_numel(cs) != tiles * 16)
@@ -163,8 +157,8 @@ static int qc_ffi_matmul(const char* fn, const char* usage, int int8, int sparse
   if (b && qc_ffi_numel(b) != n) return qc_ffi_fail(fn, "bias", " is not of size N");
   const int kind = qc_ffi_kind();
   if (kind < 0)
-    return qc_ffi_fail(fn, NULL, "this CPU lacks AVX-512 BF16/VBMI2/VNNI, which the sparse "
-                                 "kernels need");
+    return qc_ffi_fail(fn, NULL, "no sparse kernel runs here: they need AVX2 and FMA at least "
+                                 "(or QCOMPILE_ISA=generic forbids them)");
   if (m == 0 || n == 0) return 0;
   const int64_t esz = int8 ? 1 : 2, xbytes = (m * kp * esz + 63) / 64 * 64;
   uint8_t* xa = (uint8_t*)aligned_alloc(64, (size_t)xbytes);
@@ -204,7 +198,7 @@ QC_FFI_ENTRY(bf16_dense, 0, 0, "(x, values, offsets, [bias], y)")
 QC_FFI_ENTRY(int8_sparse, 1, 1, "(x, masks, values, offsets, colsum, scale, [bias], y)")
 QC_FFI_ENTRY(int8_dense, 1, 0, "(x, values, offsets, colsum, scale, [bias], y)")
 
-// () -> 1 AMX tiles, 0 AVX-512, -1 neither: what the entries above run on this machine
+// () -> 1 AMX tiles, 0 AVX-512, 3 AVX2, -1 none: what the entries above run here now
 QC_EXPORT int __tvm_ffi_qc_amx_kind(void* self, const TVMFFIAny* args, int32_t nargs,
                                     TVMFFIAny* result) {
   (void)self; (void)args; (void)nargs;

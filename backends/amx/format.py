@@ -15,8 +15,10 @@ K is zero-padded to whole tiles (32 for bf16, 64 for int8), N to whole column ti
 bitmask says which of its 32 (bf16, ``uint32``) or 64 (int8, ``uint64``) values are non-zero;
 the non-zeros are stored packed, row after row, column tile after column tile, and
 ``offsets[j]`` is where column tile ``j``'s values start (a thread can start at any tile; the
-per-thread start offsets of SparAMX are these at its first tile). A row is expanded back with
-``vpexpandw`` / ``vpexpandb`` from its mask and the packed values. Bytes against dense bf16:
+per-thread start offsets of SparAMX are these at its first tile); :data:`PAD` zeros follow the
+last non-zero. A row is expanded back with
+``vpexpandw`` / ``vpexpandb`` from its mask and the packed values (AVX-512), or by ``pshufb``
+with a control looked up per mask byte (AVX2). Bytes against dense bf16:
 density + 1/16 (bf16) or density + 1/8 (int8 against dense int8).
 
 The dense layout (:func:`dense`) is the same rows with no masks: the dense kernels stream it.
@@ -34,12 +36,15 @@ import torch
 from qcompile.errors import ConfigError
 
 __all__ = ["SparseWeight", "sparse", "dense", "decode", "to_bf16_bits", "from_bf16_bits",
-           "ROW_VALUES", "TILE_K"]
+           "ROW_VALUES", "TILE_K", "PAD"]
 
 #: values per row and K per 16-row tile
 ROW_VALUES = {"bf16": 32, "int8": 64}
 TILE_K = {"bf16": 32, "int8": 64}
 _KPR = {"bf16": 2, "int8": 4}  # K per row
+#: zero values a sparse layout carries past its last non-zero: the AVX2 kernels expand a row
+#: from whole 16-byte loads (``QC_SP_PAD`` in ``csrc/sparamx.cc``)
+PAD = 32
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -143,9 +148,8 @@ def sparse(w, kind: str = "bf16", *, scale=None) -> SparseWeight:
     per_tile = nz.reshape(nz.shape[0], -1).sum(1)
     offsets = np.zeros(nz.shape[0] + 1, np.int64)
     offsets[1:] = np.cumsum(per_tile)
-    values = rows[nz]                                             # row-major: tile, row, value
-    return SparseWeight(kind, n, k, kp, np.ascontiguousarray(values), np.ascontiguousarray(masks),
-                        offsets, s, cs)
+    values = np.concatenate([rows[nz], np.zeros(PAD, rows.dtype)])  # tile, row, value; pad
+    return SparseWeight(kind, n, k, kp, values, np.ascontiguousarray(masks), offsets, s, cs)
 
 
 def dense(w, kind: str = "bf16", *, scale=None) -> SparseWeight:
@@ -167,7 +171,7 @@ def decode(sw: SparseWeight) -> np.ndarray:
         full[:] = sw.values.reshape(tiles, rows, rv)
     else:
         bits = (sw.masks.astype(np.uint64)[..., None] >> np.arange(rv, dtype=np.uint64)) & 1
-        full[bits.astype(bool)] = sw.values
+        full[bits.astype(bool)] = sw.values[:sw.nnz]
     w = full.reshape(tiles, rows, 16, kpr).transpose(0, 2, 1, 3).reshape(tiles * 16, rows * kpr)
     w = w[:sw.n, :sw.k]
     return from_bf16_bits(w) if sw.kind == "bf16" else w

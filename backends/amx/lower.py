@@ -16,11 +16,14 @@ about 11% (bf16) or 18% (int8) zeros on. No timing is involved.
 
 A pruned weight the kernels cannot take (int8 weight-only, other formats, a float32 weight)
 falls back, on record (:attr:`AmxLinears.fallbacks`, ``report["linear.amx.fallback"]``), to
-what target ``cpu`` does with it. Linears that were not pruned are not this target's business
-and lower as on ``cpu``.
+what target ``cpu`` does with it. So does every pruned linear where no sparse kernel runs (a
+CPU, or a ``QCOMPILE_ISA`` cap, below AVX2: :func:`.build.best_kind` is None), with one
+warning per build; the kernel kind itself (AMX, AVX-512 or AVX2) is chosen at run time.
+Linears that were not pruned are not this target's business and lower as on ``cpu``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +64,17 @@ class AmxLinears:
     taken: dict[str, str] = field(default_factory=dict)
     #: linear node name -> why it did not go to the sparse kernels
     fallbacks: dict[str, str] = field(default_factory=dict)
+    #: why no sparse kernel runs at this ISA level ("" when one does; None: not asked yet)
+    _no_kernel: str | None = None
+
+    def _isa_refusal(self) -> str:
+        if self._no_kernel is None:
+            from qcompile import isa
+
+            from .build import best_kind
+            self._no_kernel = "" if best_kind() is not None else (
+                f"no sparse kernel runs at ISA level {isa.level()!r} (they need AVX2 and FMA)")
+        return self._no_kernel
 
     def __call__(self, L, n, x, b, k: int, nout: int):
         from tvm import relax
@@ -103,6 +117,9 @@ class AmxLinears:
         wv, xv = n.inputs[1], n.inputs[0]
         if wv.sparsity is None:
             return None  # not pruned: not this target's business
+        if self._isa_refusal():
+            self.fallbacks[n.name] = self._no_kernel
+            return None
         fmt = wv.quant.fmt
         w = L.graph.constants[wv.name]
         if fmt.name == "bf16":
@@ -148,6 +165,10 @@ class AmxLinears:
                                           "sparse kernels take bf16 weights or int8 (W8A8) "
                                           "weights (weights='bf16')")
                 report["linear.amx.fallback"] = report.get("linear.amx.fallback", 0) + 1
+        isa_fallbacks = [k for k, v in self.fallbacks.items() if v == self._no_kernel]
+        if self._no_kernel and isa_fallbacks:
+            warnings.warn(f"target 'amx': {len(isa_fallbacks)} pruned linear(s) fall back to "
+                          f"the dense cpu kernels: {self._no_kernel}", stacklevel=2)
 
 
 def _require_cxx() -> None:

@@ -24,7 +24,8 @@ from qcompile.errors import BackendError
 from .codegen import KernelConfig, generate
 from .weights import PackedWeight
 
-__all__ = ["cache_dir", "host_variants", "VARIANT_FEATURES", "compiler", "compile_source", "LutLibrary", "CFLAGS"]
+__all__ = ["cache_dir", "host_variants", "VARIANT_FEATURES", "compiler", "compile_source",
+           "LutLibrary", "CFLAGS"]
 
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
           "-fvisibility=hidden", "-fopenmp", "-fno-strict-aliasing")

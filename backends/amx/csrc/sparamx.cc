@@ -2,6 +2,8 @@
 //   (1) AVX-512 sparse GEMV/GEMM: bf16 rows expanded with vpexpandw and multiplied by
 //       vdpbf16ps; int8 rows expanded with vpexpandb and multiplied by vpdpbusd on activations
 //       offset by +128 (corrected by 128·Σw per output);
+//   (1b) AVX2 sparse kernels for CPUs without AVX-512: a 256-entry pshufb table per mask byte
+//       does the expansion, bf16 -> fp32 by shift/mask + FMA, int8 by vpmaddwd;
 //   (2) the same kernels on the dense layout (plain loads);
 //   (3) AMX kernels (tileloadd, tdpbf16ps, tdpbssd; 2×2 accumulator blocking: tiles 0–3 hold
 //       C, 4–5 A, 6–7 B) written once against QC_TILE_* macros, instantiated twice: on the
@@ -239,6 +241,271 @@ QC_AVX512 static void qc_int8_avx512(const int8_t* xq, const float* sx, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
+// (1b) AVX2 kernels (no vpexpand): a mask byte picks a pshufb control from a 256-entry table
+//      that moves the packed non-zeros to their places (zeros elsewhere). Same layout, same
+//      results as the AVX-512 kernels: bf16 pairs multiplied exactly in fp32 and added odd
+//      product first, then even (vdpbf16ps' order), int8 products summed exactly in int32
+//      (vpmaddwd on sign-extended codes: no vpmaddubsw saturation), the same float epilogue.
+//      A sparse layout carries QC_SP_PAD zero values past its last non-zero, so the 16-byte
+//      loads of the last row stay inside the array.
+
+#define QC_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+#define QC_SP_PAD 32
+
+struct QcExpandTables {
+  alignas(16) uint8_t w16[256][16];  // bf16: mask byte -> control for 8 two-byte elements
+  uint64_t lo[256], hi[256];         // int8: mask byte -> control for 8 bytes (low/high half)
+  QcExpandTables() {
+    for (int b = 0; b < 256; ++b) {
+      int s = 0;
+      uint8_t c8[8];
+      for (int i = 0; i < 8; ++i) {
+        if (b >> i & 1) {
+          w16[b][2 * i] = (uint8_t)(2 * s);
+          w16[b][2 * i + 1] = (uint8_t)(2 * s + 1);
+          c8[i] = (uint8_t)s++;
+        } else {
+          w16[b][2 * i] = w16[b][2 * i + 1] = 0x80;
+          c8[i] = 0x80;
+        }
+      }
+      uint64_t l = 0, h = 0;
+      for (int i = 0; i < 8; ++i) {
+        l |= (uint64_t)c8[i] << (8 * i);
+        h |= (uint64_t)(c8[i] == 0x80 ? 0x80 : c8[i] + 8) << (8 * i);
+      }
+      lo[b] = l;
+      hi[b] = h;
+    }
+  }
+};
+static const QcExpandTables qc_expand;
+
+QC_AVX2 static inline __m128i qc_expand_bf16x8(const uint16_t* v, unsigned byte) {
+  const __m128i d = _mm_loadu_si128((const __m128i*)v);
+  return _mm_shuffle_epi8(d, _mm_load_si128((const __m128i*)qc_expand.w16[byte]));
+}
+
+// 16 int8 values (mask bits 0..15 of `bits`) from the packed stream at v
+QC_AVX2 static inline __m128i qc_expand_i8x16(const int8_t* v, unsigned bits) {
+  const unsigned b0 = bits & 0xff, b1 = bits >> 8 & 0xff;
+  const __m128i d = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)v),
+                                       _mm_loadl_epi64((const __m128i*)(v + __builtin_popcount(b0))));
+  const __m128i c = _mm_set_epi64x((long long)qc_expand.hi[b1], (long long)qc_expand.lo[b0]);
+  return _mm_shuffle_epi8(d, c);
+}
+
+QC_AVX2 static inline void qc_store8(float* y, int64_t n, int64_t col0, __m256 v,
+                                     const float* bias) {
+  const int64_t left = n - col0;
+  if (left <= 0) return;
+  if (left >= 8) {
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + col0));
+    _mm256_storeu_ps(y + col0, v);
+    return;
+  }
+  const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (bias) v = _mm256_add_ps(v, _mm256_maskload_ps(bias + col0, mk));
+  _mm256_maskstore_ps(y + col0, mk, v);
+}
+
+// JT column tiles x MT activation rows: a 64-byte row is two halves of 8 outputs, each 32-bit
+// lane one output's (even, odd) bf16 pair: even = lane << 16, odd = lane & 0xffff0000 as fp32
+template <bool SPARSE, int JT, int MT>
+QC_AVX2 static inline void qc_bf16_block2(const uint16_t* xb, int64_t kp, int64_t m0,
+                                          const uint32_t* masks, const uint16_t* vals,
+                                          const int64_t* offs, const float* bias, float* y,
+                                          int64_t n, int64_t j) {
+  const int64_t rows = kp / 2;
+  const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+  __m256 acc[JT][2][MT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) acc[a][h][t] = _mm256_setzero_ps();
+  const uint16_t* v[JT];
+  const uint32_t* mk[JT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a) {
+    v[a] = vals + offs[j + a];
+    mk[a] = masks ? masks + (j + a) * rows : 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    __m256 xe[MT], xo[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      uint32_t pair, e, o;
+      memcpy(&pair, xb + (m0 + t) * kp + 2 * r, 4);
+      e = pair << 16;
+      o = pair & 0xffff0000u;
+      float fe, fo;
+      memcpy(&fe, &e, 4);
+      memcpy(&fo, &o, 4);
+      xe[t] = _mm256_set1_ps(fe);
+      xo[t] = _mm256_set1_ps(fo);
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < JT; ++a) {
+      __m256i w[2];
+      if (SPARSE) {
+        const uint32_t bits = mk[a][r];
+        const uint16_t* p = v[a];
+        const int c1 = __builtin_popcount(bits & 0xffu), c2 = __builtin_popcount(bits & 0xffffu),
+                  c3 = __builtin_popcount(bits & 0xffffffu);
+        w[0] = _mm256_set_m128i(qc_expand_bf16x8(p + c1, bits >> 8 & 0xff),
+                                qc_expand_bf16x8(p, bits & 0xff));
+        w[1] = _mm256_set_m128i(qc_expand_bf16x8(p + c3, bits >> 24),
+                                qc_expand_bf16x8(p + c2, bits >> 16 & 0xff));
+        v[a] = p + __builtin_popcount(bits);
+      } else {
+        w[0] = _mm256_loadu_si256((const __m256i*)v[a]);
+        w[1] = _mm256_loadu_si256((const __m256i*)(v[a] + 16));
+        v[a] += 32;
+      }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w[h], 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w[h], odd));
+        // bf16 x bf16 is exact in fp32, so each FMA rounds once, as the add of vdpbf16ps
+#pragma GCC unroll 8
+        for (int t = 0; t < MT; ++t) {
+          acc[a][h][t] = _mm256_fmadd_ps(xo[t], wo, acc[a][h][t]);
+          acc[a][h][t] = _mm256_fmadd_ps(xe[t], we, acc[a][h][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t)
+        qc_store8(y + (m0 + t) * n, n, 16 * (j + a) + 8 * h, acc[a][h][t], bias);
+}
+
+template <bool SPARSE>
+QC_AVX2 static void qc_bf16_avx2(const uint16_t* xb, int64_t m, int64_t kp,
+                                 const uint32_t* masks, const uint16_t* vals,
+                                 const int64_t* offs, const float* bias, float* y, int64_t n,
+                                 int64_t j0, int64_t j1) {
+  // groups of four column tiles: row pairs two tiles at a time (8 accumulators), a single
+  // row four at a time (8 independent FMA chains hide the latency)
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int64_t g = j1 - j < 4 ? j1 - j : 4;
+    int64_t m0 = 0;
+    for (; m - m0 >= 2; m0 += 2)
+      for (int64_t jj = j; jj < j + g; jj += 2) {
+        if (jj + 2 <= j + g) qc_bf16_block2<SPARSE, 2, 2>(xb, kp, m0, masks, vals, offs, bias, y, n, jj);
+        else qc_bf16_block2<SPARSE, 1, 2>(xb, kp, m0, masks, vals, offs, bias, y, n, jj);
+      }
+    if (m0 == m) continue;
+    if (g == 4) {
+      qc_bf16_block2<SPARSE, 4, 1>(xb, kp, m0, masks, vals, offs, bias, y, n, j);
+      continue;
+    }
+    for (int64_t jj = j; jj < j + g; jj += 2) {
+      if (jj + 2 <= j + g) qc_bf16_block2<SPARSE, 2, 1>(xb, kp, m0, masks, vals, offs, bias, y, n, jj);
+      else qc_bf16_block2<SPARSE, 1, 1>(xb, kp, m0, masks, vals, offs, bias, y, n, jj);
+    }
+  }
+}
+
+// int8: a 64-byte row is four quarters of 4 outputs x 4 K; a quarter's 16 codes, sign-extended
+// to int16, times the activation quad (x0, x1, x2, x3) by vpmaddwd gives each output two
+// int32 partial sums (k0+k1, k2+k3), added up exactly; the pairs are summed at the end
+template <bool SPARSE, int JT, int MT>
+QC_AVX2 static inline void qc_int8_block2(const int8_t* xq, const float* sx, int64_t kp,
+                                          int64_t m0, const uint64_t* masks, const int8_t* vals,
+                                          const int64_t* offs, const float* sw,
+                                          const float* bias, float* y, int64_t n, int64_t j) {
+  const int64_t rows = kp / 4;
+  __m256i acc[JT][4][MT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+    for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) acc[a][q][t] = _mm256_setzero_si256();
+  const int8_t* v[JT];
+  const uint64_t* mk[JT];
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a) {
+    v[a] = vals + offs[j + a];
+    mk[a] = masks ? masks + (j + a) * rows : 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    __m256i xs[MT];
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      int32_t quad;
+      memcpy(&quad, xq + (m0 + t) * kp + 4 * r, 4);
+      xs[t] = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(quad)));
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < JT; ++a) {
+      __m128i w[4];
+      if (SPARSE) {
+        const uint64_t bits = mk[a][r];
+        const int8_t* p = v[a];
+        const int c1 = __builtin_popcountll(bits & 0xffffull),
+                  c2 = __builtin_popcountll(bits & 0xffffffffull),
+                  c3 = __builtin_popcountll(bits & 0xffffffffffffull);
+        w[0] = qc_expand_i8x16(p, (unsigned)(bits & 0xffff));
+        w[1] = qc_expand_i8x16(p + c1, (unsigned)(bits >> 16 & 0xffff));
+        w[2] = qc_expand_i8x16(p + c2, (unsigned)(bits >> 32 & 0xffff));
+        w[3] = qc_expand_i8x16(p + c3, (unsigned)(bits >> 48));
+        v[a] = p + __builtin_popcountll(bits);
+      } else {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) w[q] = _mm_loadu_si128((const __m128i*)(v[a] + 16 * q));
+        v[a] += 64;
+      }
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const __m256i w16 = _mm256_cvtepi8_epi16(w[q]);
+#pragma GCC unroll 8
+        for (int t = 0; t < MT; ++t)
+          acc[a][q][t] = _mm256_add_epi32(acc[a][q][t], _mm256_madd_epi16(w16, xs[t]));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < JT; ++a)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const int64_t col0 = 16 * (j + a) + 8 * h;
+      const __m256 s = _mm256_loadu_ps(sw + col0);  // scales are padded to whole tiles
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) {
+        // lanes (o0: k01, k23), (o1: ...): hadd pairs them, per 128-bit half
+        const __m256i yi = _mm256_permute4x64_epi64(
+            _mm256_hadd_epi32(acc[a][2 * h][t], acc[a][2 * h + 1][t]), 0xd8);
+        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(yi), _mm256_set1_ps(sx[m0 + t]));
+        f = _mm256_mul_ps(f, s);
+        qc_store8(y + (m0 + t) * n, n, col0, f, bias);
+      }
+    }
+}
+
+template <bool SPARSE>
+QC_AVX2 static void qc_int8_avx2(const int8_t* xq, const float* sx, int64_t m, int64_t kp,
+                                 const uint64_t* masks, const int8_t* vals, const int64_t* offs,
+                                 const float* sw, const float* bias, float* y, int64_t n,
+                                 int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 2) {
+    const bool two = j + 2 <= j1;
+    int64_t m0 = 0;
+    for (; m - m0 >= 2; m0 += 2)
+      for (int64_t jj = j; jj < j + (two ? 2 : 1); ++jj)
+        qc_int8_block2<SPARSE, 1, 2>(xq, sx, kp, m0, masks, vals, offs, sw, bias, y, n, jj);
+    if (m0 == m) continue;
+    if (two) qc_int8_block2<SPARSE, 2, 1>(xq, sx, kp, m0, masks, vals, offs, sw, bias, y, n, j);
+    else qc_int8_block2<SPARSE, 1, 1>(xq, sx, kp, m0, masks, vals, offs, sw, bias, y, n, j);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // (3) AMX: hardware tiles and the emulation, behind one set of macros
 
 struct QcTileConfig {  // the 64-byte operand of ldtilecfg (SDM vol. 1, figure 20-1)
@@ -448,12 +715,45 @@ QC_EXPORT int qc_sp_has_avx512(void) {
          __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 }
 
+QC_EXPORT int qc_sp_has_avx2(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2");
+}
+
+// The kernel kind that runs here: 1 AMX tiles, 0 AVX-512, 3 AVX2, -1 none. The hardware's
+// answer is cached; QCOMPILE_ISA (qcompile.isa: generic < avx2 < avx512 < amx) caps it on
+// every call, so a process can test each level in turn.
+QC_EXPORT int qc_sp_kind(void) {
+  static int hw = -2;
+  if (hw == -2)
+    hw = qc_sp_has_avx512() ? (qc_amx_available() ? 1 : 0) : (qc_sp_has_avx2() ? 3 : -1);
+  int k = hw;
+  const char* cap = getenv("QCOMPILE_ISA");
+  int lv = 3;
+  if (cap && *cap) {
+    if (!strcmp(cap, "generic")) lv = 0;
+    else if (!strcmp(cap, "avx2")) lv = 1;
+    else if (!strcmp(cap, "avx512")) lv = 2;
+  }
+  if (k == 1 && lv < 3) k = 0;
+  if (k == 0 && lv < 2) k = qc_sp_has_avx2() ? 3 : -1;
+  if (k == 3 && lv < 1) k = -1;
+  return k;
+}
+
 // ---------------------------------------------------------------------------------------
-// entry points: kind 0 = AVX-512, 1 = AMX (hardware), 2 = AMX (emulated); tiles j0..j1
+// entry points: kind 0 = AVX-512, 1 = AMX (hardware), 2 = AMX (emulated), 3 = AVX2;
+// tiles j0..j1
 
 QC_EXPORT int qc_sp_bf16_run(int kind, int sparse, const uint16_t* xb, int64_t m, int64_t kp,
                              const uint32_t* masks, const uint16_t* vals, const int64_t* offs,
                              const float* bias, float* y, int64_t n, int64_t j0, int64_t j1) {
+  if (kind == 3) {
+    if (sparse) qc_bf16_avx2<true>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
+    else qc_bf16_avx2<false>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
+    return 0;
+  }
   if (kind == 0) {
     if (sparse) qc_bf16_avx512<true>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
     else qc_bf16_avx512<false>(xb, m, kp, masks, vals, offs, bias, y, n, j0, j1);
@@ -472,6 +772,11 @@ QC_EXPORT int qc_sp_int8_run(int kind, int sparse, const int8_t* xq, const float
                              int64_t kp, const uint64_t* masks, const int8_t* vals,
                              const int64_t* offs, const int32_t* colsum, const float* sw,
                              const float* bias, float* y, int64_t n, int64_t j0, int64_t j1) {
+  if (kind == 3) {
+    if (sparse) qc_int8_avx2<true>(xq, sx, m, kp, masks, vals, offs, sw, bias, y, n, j0, j1);
+    else qc_int8_avx2<false>(xq, sx, m, kp, masks, vals, offs, sw, bias, y, n, j0, j1);
+    return 0;
+  }
   if (kind == 0) {
     if (sparse) qc_int8_avx512<true>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
     else qc_int8_avx512<false>(xq, sx, m, kp, masks, vals, offs, colsum, sw, bias, y, n, j0, j1);
@@ -499,13 +804,14 @@ QC_EXPORT int qc_sp_matmul(int kind, int sparse, int int8, const float* x, int64
   else qc_sp_prep_bf16(x, m, k, kp, (uint16_t*)xa);
   if (nthreads <= 0) nthreads = 1;
   // AMX pairs column tiles: split on even boundaries
-  const int64_t units = kind == 0 ? tiles : (tiles + 1) / 2;
+  const bool amx = kind == 1 || kind == 2;
+  const int64_t units = amx ? (tiles + 1) / 2 : tiles;
   if (nthreads > units) nthreads = (int)(units > 0 ? units : 1);
   int rc = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(min : rc)
   for (int t = 0; t < nthreads; ++t) {
     int64_t a = units * t / nthreads, b = units * (t + 1) / nthreads;
-    if (kind != 0) { a *= 2; b = b * 2 > tiles ? tiles : b * 2; }
+    if (amx) { a *= 2; b = b * 2 > tiles ? tiles : b * 2; }
     int r = int8 ? qc_sp_int8_run(kind, sparse, (const int8_t*)xa, sx, m, kp, (const uint64_t*)masks,
                                   (const int8_t*)vals, offs, colsum, sw, bias, y, n, a, b)
                  : qc_sp_bf16_run(kind, sparse, (const uint16_t*)xa, m, kp, (const uint32_t*)masks,
