@@ -334,8 +334,11 @@ def check_isa(manifest: dict, directory: str | os.PathLike = "the artifact") -> 
     here, cap = isa.level(), isa.cap()
     host = {_feature_key(f) for f in isa.host_features()}
     hidden = sorted(f for f in missing if _feature_key(f) in host)
-    why = (f"; this CPU has {', '.join(hidden)} but {isa.ENV}={cap} hides "
-           f"{'it' if len(hidden) == 1 else 'them'}" if hidden and cap is not None else "")
+    why = ""
+    if hidden and cap is not None:
+        them = "it" if len(hidden) == 1 else "them"
+        why = (f"; this CPU has {them} but {isa.ENV}={cap} hides {them}" if hidden == missing
+               else f"; this CPU has {', '.join(hidden)} but {isa.ENV}={cap} hides {them}")
     target = manifest.get("target", "cpu")
     build = f"qcompile build MODEL --target {target} -o {directory}"
     hint = (f"rebuild it on this machine (`{build}`), or build a portable artifact on the "
