@@ -163,7 +163,6 @@ class CompiledModel:
             raise
         return dest
 
-
     def _compiled_files(self) -> dict[str, bytes]:
         """The backend's files for the artifact: those it was loaded from while they still
         match the manifest they were checked against, else what the backend exports."""
