@@ -74,7 +74,9 @@ FFI_CASES = [  # format, options, K, bias, activation rows
 
 
 @needs_tvm
-def test_ffi_entries_equal_the_model_bit_for_bit():
+def test_ffi_entries_equal_the_model_bit_for_bit(isa_level):
+    """Per instruction-set level: the level's default variant (vpermb, shufb256, c) through
+    TVM-FFI, plus the portable one where the level has a faster."""
     import tvm
     import tvm_ffi
 

@@ -7,7 +7,7 @@ from qcompile.backends.lut import tune as T
 from qcompile.backends.lut.build import host_variants
 
 
-def test_default_is_used_without_a_cache_entry(tmp_path, monkeypatch):
+def test_default_is_used_without_a_cache_entry(tmp_path, monkeypatch, isa_level):
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
     c = T.choose(512, 256, 2, 32, "sym", 1)
     assert c == T.default_config(2, 32, "sym", 1)
