@@ -47,9 +47,12 @@ _V3 = frozenset({"avx", "avx2", "fma", "f16c", "bmi", "bmi2", "lzcnt", "movbe"})
 
 def _canonical(flag: str) -> str:
     """``/proc/cpuinfo`` flag -> LLVM feature name (``avx512_vnni`` -> ``avx512vnni``,
-    ``amx_int8`` -> ``amx-int8``, ``bmi1`` -> ``bmi``, ``abm`` -> ``lzcnt``)."""
+    ``amx_int8`` -> ``amx-int8``, ``sse4_2`` -> ``sse4.2``, ``bmi1`` -> ``bmi``, ``abm`` ->
+    ``lzcnt``)."""
     if flag.startswith("amx_"):
         return flag.replace("_", "-")
+    if flag.startswith("sse4_"):
+        return flag.replace("_", ".")
     return {"bmi1": "bmi", "abm": "lzcnt"}.get(flag, flag.replace("_", ""))
 
 

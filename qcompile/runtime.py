@@ -120,6 +120,9 @@ class CompiledModel:
                 "nodes": len(self.graph.nodes), "constants": len(self.graph.constants),
                 "parameters": int(sum(t.numel() for t in self.graph.constants.values())),
                 "ops": self.graph.op_histogram(), "layers": layers, "timings": self.timings,
+                # linears a kernel backend (lut, amx) left to the cpu kernels, and why
+                **({"fallbacks": dict(fb)} if (fb := getattr(self._exec, "fallbacks", None))
+                   else {}),
                 **({"mixed_precision": mp.to_dict()} if (mp := self.graph.meta.get(
                     "mixed_precision")) is not None else {})}
 
@@ -307,12 +310,6 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     return cm
 
 
-def _feature_key(name: str) -> str:
-    """A feature name as both spellings compare: LLVM's ``sse4.2`` is ``/proc/cpuinfo``'s
-    ``sse4_2``, which :func:`qcompile.isa.host_features` gives as ``sse42``."""
-    return name.replace(".", "").replace("_", "")
-
-
 def check_isa(manifest: dict, directory: str | os.PathLike = "the artifact") -> None:
     """Refuse, with an ``ArtifactError`` that says how to rebuild, an artifact whose code
     needs CPU features this machine lacks or ``QCOMPILE_ISA`` forbids (its manifest's
@@ -326,13 +323,13 @@ def check_isa(manifest: dict, directory: str | os.PathLike = "the artifact") -> 
             and all(isinstance(f, str) for f in rec["features"])):
         raise ArtifactError(f"{directory}/manifest.json is corrupt: 'isa' must be "
                             f"{{'level': str, 'features': [str]}}, got {rec!r}")
-    allowed = {_feature_key(f) for f in isa.allowed_features()}
-    missing = sorted(f for f in set(rec["features"]) if _feature_key(f) not in allowed)
+    allowed = isa.allowed_features()
+    missing = sorted(f for f in set(rec["features"]) if f not in allowed)
     if not missing:
         return
     here, cap = isa.level(), isa.cap()
-    host = {_feature_key(f) for f in isa.host_features()}
-    hidden = sorted(f for f in missing if _feature_key(f) in host)
+    host = isa.host_features()
+    hidden = sorted(f for f in missing if f in host)
     why = ""
     if hidden and cap is not None:
         them = "it" if len(hidden) == 1 else "them"

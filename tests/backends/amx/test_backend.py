@@ -1,8 +1,9 @@
 """Target ``amx`` end to end: the TVM-FFI entries equal the ctypes kernels bit for bit; an MLP
 through the Relax VM equals the interpreter running the ctypes kernels in its linears, bit for
 bit, and the fake-quant interpreter within bf16 activation rounding; MiniLM pruned 50% (Wanda,
-magnitude) with bf16 weights, and W8A8 with pruned int8 weights; the layout rule; artifacts;
-fallbacks; and the run-time choice of AMX or AVX-512 (``QCOMPILE_NO_AMX=1``)."""
+magnitude) with bf16 weights (also on the AVX2 kernels), and W8A8 with pruned int8 weights; the
+layout rule; artifacts; fallbacks (below AVX2: the dense cpu kernels, with one warning); and
+the run-time choice of AMX, AVX-512 or AVX2 (``QCOMPILE_NO_AMX=1``, ``QCOMPILE_ISA``)."""
 from __future__ import annotations
 
 import json
@@ -25,10 +26,9 @@ from qcompile.config import QuantConfig
 from qcompile.errors import ArtifactError, BackendError
 from qcompile.interpreter import Interpreter
 
-_SPARSE_ISA = {"avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vbmi2", "avx512vnni"}
 needs_tvm = pytest.mark.skipif(find_spec("tvm") is None, reason="target amx needs Apache TVM")
-needs_avx512 = pytest.mark.skipif(not _SPARSE_ISA <= isa.host_features(),
-                                  reason="the sparse kernels need AVX-512 BF16/VBMI2/VNNI")
+needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= isa.host_features(),
+                                reason="the sparse kernels need AVX2 and FMA at least")
 pytestmark = needs_tvm
 
 BF16_WANDA = dict(weights="bf16", sparsity=0.5, sparsity_method="wanda")
@@ -81,17 +81,28 @@ def test_layout_rule():
 
 # -- the FFI entry points ----------------------------------------------------------------------
 
-@needs_avx512
-def test_ffi_entries_equal_the_ctypes_kernels_bit_for_bit(kernels):
+@needs_avx2
+def test_ffi_entries_equal_the_ctypes_kernels_bit_for_bit(kernels, isa_level):
     """Same kind, same per-output accumulation order: the entries (TVM's pool, rows converted
-    per task, work cut in row blocks × column units) give the ctypes kernels' bits."""
+    per task, work cut in row blocks × column units) give the ctypes kernels' bits, on the kind
+    each ISA level runs (chosen per call); below AVX2 they refuse."""
     import tvm
     import tvm_ffi
 
     from qcompile.backends.amx import build as B
     from qcompile.backends.amx import ffi
-    _, kind = kernels
+    mod, _ = kernels
+    kind = ffi.kind(mod)
+    assert kind == B.best_kind()
     lib = B.library()
+    if kind is None:
+        sw = F.sparse(_pruned(16, 32, 0.5, 0), "bf16")
+        f = tvm_ffi.get_global_func(ffi.global_name("bf16_sparse"))
+        with pytest.raises(ValueError, match="no sparse kernel runs here"):
+            f(tvm.runtime.tensor(np.ones((1, 32), np.float32)),
+              *[tvm.runtime.tensor(a) for a in _ffi_args(sw)],
+              tvm.runtime.tensor(np.zeros((1, 16), np.float32)))
+        return
     rng = np.random.default_rng(0)
     t = tvm.runtime.tensor
     for i, (n, k) in enumerate([(200, 384), (64, 100), (1536, 384)]):
@@ -111,7 +122,7 @@ def test_ffi_entries_equal_the_ctypes_kernels_bit_for_bit(kernels):
                 np.testing.assert_array_equal(y.numpy(), want, err_msg=f"{name} {n}x{k} {lead}")
 
 
-@needs_avx512
+@needs_avx2
 def test_ffi_entries_refuse_bad_arguments(kernels):
     import tvm
     import tvm_ffi
@@ -141,7 +152,7 @@ class _KernelLinear:
     """A linear schema that runs the ctypes kernels on the target's layout."""
 
     def __init__(self, sw, kind):
-        self.sw, self.kind = sw, kind
+        self.sw, self.kind = sw, kind  # kind None: what the ctypes library picks now
 
     def run(self, args, attrs, env):
         from qcompile.backends.amx import build as B
@@ -161,19 +172,46 @@ def _kernel_oracle(graph, kind) -> Interpreter:
     return it
 
 
-@needs_avx512
+def _falls_back_below_avx2(model, ex, dyn, cfg, cal):
+    """At the generic level no sparse kernel runs: every pruned linear goes to the dense cpu
+    kernels, on record (executable, report, summary) and with exactly one warning; the result
+    is the cpu target's (fp32 sums of the same bf16 weights: the interpreter within 1e-5)."""
+    import warnings as W
+    with W.catch_warnings(record=True) as got:
+        W.simplefilter("always")
+        cm = qcompile.compile(model, "amx", example_inputs=ex, dynamic_shapes=dyn, config=cfg,
+                              calibration=cal)
+    mine = [w for w in got if "target 'amx'" in str(w.message)]
+    assert len(mine) == 1 and "3 pruned linear(s) fall back to the dense cpu kernels" in \
+        str(mine[0].message) and "ISA level 'generic'" in str(mine[0].message)
+    e = cm._exec
+    assert e.kernels == [] and e.report["linear.amx.fallback"] == 3
+    assert set(e.fallbacks) == {"linear", "linear_1", "linear_2"}
+    assert all(v.startswith("no sparse kernel runs at ISA level 'generic'")
+               for v in e.fallbacks.values())
+    assert cm.summary()["fallbacks"] == e.fallbacks
+    x = torch.randn(6, 64)
+    assert _rel(cm(x), Interpreter(cm.graph).run(x)[0]) < 1e-5
+
+
+@needs_avx2
 @pytest.mark.parametrize("opts", [BF16_WANDA, BF16_MAGNITUDE], ids=["wanda", "magnitude"])
-def test_mlp_equals_the_kernels_bit_for_bit_and_the_interpreter_closely(opts):
+def test_mlp_equals_the_kernels_bit_for_bit_and_the_interpreter_closely(opts, isa_level):
     """Every linear reads the graph input or a ReLU, so the VM's kernels see the activations
     the oracle does: the same bits. Against fp32 activations (the interpreter) the bf16
     rounding of activations costs relative L2 ~2.5e-3 (measured 2.4e-3 and 2.3e-3)."""
     model, ex, dyn = zoo.mlp()
     cal = [(torch.randn(32, 64),) for _ in range(2)]
+    if isa_level == "generic":
+        _falls_back_below_avx2(model, ex, dyn, QuantConfig(**opts), cal)
+        return
     cm = qcompile.compile(model, "amx", example_inputs=ex, dynamic_shapes=dyn,
                           config=QuantConfig(**opts), calibration=cal)
     e = cm._exec
     assert e.report == {"linear.amx.bf16_sparse": 3} and not e.fallbacks
-    assert e.kernels == ["bf16_sparse"] and e.kernel_kind in ("amx", "avx512")
+    assert e.kernels == ["bf16_sparse"]
+    assert e.kernel_kind in {"avx2": ("avx2",), "avx512": ("avx512", "avx2"),
+                             "amx": ("amx", "avx512", "avx2")}[isa_level]
     for n in cm.graph.nodes:
         if n.op == "linear":
             assert abs(n.inputs[1].sparsity.ratio - 0.5) < 0.01
@@ -183,12 +221,15 @@ def test_mlp_equals_the_kernels_bit_for_bit_and_the_interpreter_closely(opts):
     assert _rel(out, Interpreter(cm.graph).run(x)[0]) < 5e-3
 
 
-@needs_avx512
-def test_mlp_w8a8_on_pruned_int8_weights():
+@needs_avx2
+def test_mlp_w8a8_on_pruned_int8_weights(isa_level):
     """The kernel quantizes rows as the interpreter's fake quantization does and sums exactly:
     only fp32 rounding of the two scalings differs (measured relative L2 1.3e-7)."""
     model, ex, dyn = zoo.mlp()
     cal = [(torch.randn(32, 64),) for _ in range(2)]
+    if isa_level == "generic":
+        _falls_back_below_avx2(model, ex, dyn, QuantConfig(**W8A8_SPARSE), cal)
+        return
     cm = qcompile.compile(model, "amx", example_inputs=ex, dynamic_shapes=dyn,
                           config=QuantConfig(**W8A8_SPARSE), calibration=cal)
     assert cm._exec.report == {"linear.amx.int8_sparse": 3} and not cm._exec.fallbacks
@@ -201,7 +242,7 @@ def test_mlp_w8a8_on_pruned_int8_weights():
     assert cpu._exec.report == {"linear.w8a8": 3} and _rel(out, cpu(x)) < 1e-5
 
 
-@needs_avx512
+@needs_avx2
 def test_low_sparsity_uses_the_dense_layout():
     model, ex, dyn = zoo.mlp()
     cm = qcompile.compile(model, "amx", example_inputs=ex, dynamic_shapes=dyn,
@@ -219,7 +260,7 @@ def minilm():
     return model, ex, dyn, zoo.minilm_batches(CALIBRATION[:16], batch=8, seq=16)
 
 
-@needs_avx512
+@needs_avx2
 @pytest.mark.parametrize("opts", [BF16_WANDA, BF16_MAGNITUDE], ids=["wanda", "magnitude"])
 def test_minilm_pruned_half_matches_the_interpreter(minilm, opts):
     """All 37 linears (6 × q k v o, intermediate, output; the pooler) on the sparse kernels.
@@ -232,6 +273,22 @@ def test_minilm_pruned_half_matches_the_interpreter(minilm, opts):
     r = cm._exec.report
     assert r["linear.amx.bf16_sparse"] == 37 and not cm._exec.fallbacks
     assert not any(k.startswith("linear.") and k != "linear.amx.bf16_sparse" for k in r), r
+    ref = Interpreter(cm.graph).run(*ex.values())
+    for a, b in zip(cm(**ex), ref):
+        assert _rel(a, b) < 1e-2 and _cos(a, b) > 0.9999
+
+
+@needs_avx2
+def test_minilm_pruned_half_on_the_avx2_kernels(minilm, monkeypatch):
+    """What an AVX2-only CPU runs: every linear on the AVX2 sparse kernel, the same bound as
+    above (the AVX2 kernel's sums are the AVX-512 kernel's, bit for bit)."""
+    monkeypatch.setenv("QCOMPILE_ISA", "avx2")
+    model, ex, dyn, cal = minilm
+    cm = qcompile.compile(model, "amx", example_inputs=ex, dynamic_shapes=dyn,
+                          config=QuantConfig(**BF16_WANDA), calibration=cal)
+    assert cm._exec.report["linear.amx.bf16_sparse"] == 37 and not cm._exec.fallbacks
+    assert cm._exec.kernel_kind == "avx2" and cm.isa["level"] == "avx2"
+    assert "avx512f" not in cm.isa["features"]
     ref = Interpreter(cm.graph).run(*ex.values())
     for a, b in zip(cm(**ex), ref):
         assert _rel(a, b) < 1e-2 and _cos(a, b) > 0.9999
@@ -250,12 +307,13 @@ _OTHER_KIND = textwrap.dedent("""
 """)
 
 
-@needs_avx512
+@needs_avx2
 @pytest.mark.parametrize("opts", [W8A8_SPARSE, BF16_MAGNITUDE], ids=["w8a8", "bf16"])
 def test_artifact_round_trip_and_the_run_time_kind(tmp_path, opts):
     """An artifact holds the kernels once; it loads to the same results; in a process where
     the gate says no (``QCOMPILE_NO_AMX=1``) the very same artifact runs on AVX-512: the same
     bits for int8 (exact int32 sums), last-bit differences for bf16."""
+    from qcompile.backends.amx import build as B
     from qcompile.backends.amx.build import best_kind
     model, ex, dyn = zoo.mlp()
     cfg = QuantConfig(**opts)
@@ -278,7 +336,8 @@ def test_artifact_round_trip_and_the_run_time_kind(tmp_path, opts):
     r = subprocess.run([sys.executable, "-c", _OTHER_KIND, str(a), str(tmp_path / "x.npy"),
                         str(tmp_path / "y.npy")], capture_output=True, text=True,
                        env={**os.environ, "QCOMPILE_NO_AMX": "1"})
-    assert r.returncode == 0 and r.stdout.split()[-1] == "avx512", r.stderr[-3000:]
+    no_amx = "avx512" if B.library().has_avx512() else "avx2"
+    assert r.returncode == 0 and r.stdout.split()[-1] == no_amx, r.stderr[-3000:]
     there = torch.from_numpy(np.load(tmp_path / "y.npy"))
     if opts["weights"] == "int8":
         assert torch.equal(there, here)
@@ -326,7 +385,7 @@ def test_pruned_weights_the_kernels_cannot_take_fall_back_on_record(opts, why, k
     assert _rel(cm(x), Interpreter(cm.graph).run(x)[0]) < 1e-5
 
 
-@needs_avx512
+@needs_avx2
 def test_partly_pruned_model_mixes_kernels():
     """An override leaves the last layer dense and unpruned: it lowers as on cpu, unrecorded."""
     model, ex, dyn = zoo.mlp()

@@ -1,7 +1,8 @@
-"""The kernels: AVX-512 sparse and dense against numpy models (int8 bit-exact; bf16 bit-exact
-with vdpbf16ps' odd-then-even order), the emulated AMX build against the AVX-512 path, the
-hardware tiles where the gate allows them, the compile-only instruction check, the gate, and
-the emulation's own SDM checks."""
+"""The kernels: AVX-512 and AVX2 sparse and dense against numpy models (int8 bit-exact; bf16
+bit-exact with vdpbf16ps' odd-then-even order), at every ISA level this host runs (the
+``isa_level`` fixture), the emulated AMX build against the AVX-512 path, the hardware tiles
+where the gate allows them, the compile-only instruction check, the gate, and the emulation's
+own SDM checks."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,9 +55,21 @@ def int8_model(x, sw, bias):
 @pytest.fixture(scope="module")
 def lib():
     lib = B.library()
-    if not lib.has_avx512():
-        pytest.skip("this CPU lacks AVX-512 BF16/VBMI2/VNNI, which the sparse kernels need")
+    if not lib.has_avx2():
+        pytest.skip("this CPU lacks AVX2 and FMA, which every sparse kernel needs")
     return lib
+
+
+@pytest.fixture(scope="module")
+def lib512(lib):
+    if not lib.has_avx512():
+        pytest.skip("this CPU lacks AVX-512 BF16/VBMI2/VNNI, which the AVX-512 and AMX kernels "
+                    "need")
+    return lib
+
+
+#: the sparse kernel kind each ISA level runs on a CPU that has it (generic: none)
+LEVEL_KIND = {"generic": None, "avx2": "avx2", "avx512": "avx512", "amx": "amx"}
 
 
 SHAPES = [(384, 384), (1536, 384), (200, 1536), (1024, 4096)]  # MiniLM, ragged, Llama-like
@@ -64,7 +77,19 @@ SHAPES = [(384, 384), (1536, 384), (200, 1536), (1024, 4096)]  # MiniLM, ragged,
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9])
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_avx512_kernels_equal_the_models(lib, sparsity, kind):
+def test_kernels_equal_the_models(lib, sparsity, kind, isa_level):
+    """The kind the level runs (its default), bit for bit, at 1, 4 and 16 rows; the AVX2
+    kernels' row pairs and odd rows, and N not a multiple of 16 (200) included."""
+    want_kind = LEVEL_KIND[isa_level]
+    if want_kind == "avx512" and not lib.has_avx512():  # AVX-512 without BF16/VBMI2/VNNI
+        want_kind = "avx2"
+    if want_kind == "amx" and not B.amx_available():
+        want_kind = "avx512"
+    assert B.best_kind() == want_kind
+    if want_kind is None:
+        with pytest.raises(BackendError, match="no sparse kernel runs at this ISA level"):
+            lib.matmul(np.ones((1, 32), F32), F.sparse(torch.ones(16, 32), "bf16"))
+        return
     rng = np.random.default_rng(int(sparsity * 10))
     for i, (n, k) in enumerate(SHAPES):
         w = _w(n, k, sparsity, i)
@@ -76,7 +101,7 @@ def test_avx512_kernels_equal_the_models(lib, sparsity, kind):
             layouts = [F.sparse(w, "bf16"), F.dense(w, "bf16")]
             model = bf16_model
         bias = rng.standard_normal(n).astype(F32)
-        for m in (1, 4, 16):
+        for m in (1, 3, 16):
             x = rng.standard_normal((m, k)).astype(F32)
             want = model(x, layouts[0], bias)
             for sw in layouts:
@@ -84,7 +109,8 @@ def test_avx512_kernels_equal_the_models(lib, sparsity, kind):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_emulated_amx_equals_avx512(lib, kind):
+def test_emulated_amx_equals_avx512(lib512, kind):
+    lib = lib512
     rng = np.random.default_rng(3)
     for sparsity in (0.0, 0.5, 0.9):
         w = _w(200, 384, sparsity, 7)
@@ -106,7 +132,8 @@ def test_emulated_amx_equals_avx512(lib, kind):
 @needs_amx
 @pytest.mark.skipif(not B.amx_available(), reason="no AMX here (CPUID or ARCH_REQ_XCOMP_PERM)")
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_hardware_amx(lib, kind):
+def test_hardware_amx(lib512, kind):
+    lib = lib512
     rng = np.random.default_rng(4)
     w = _w(200, 1536, 0.7, 8)
     if kind == "int8":
@@ -147,7 +174,33 @@ def test_gate_can_be_refused(lib, monkeypatch):
             "except Exception as e: print(type(e).__name__)")
     env = {**__import__("os").environ, "QCOMPILE_NO_AMX": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.split() == ["False", "avx512", "BackendError"], out.stderr
+    best = "avx512" if lib.has_avx512() else "avx2"
+    assert out.stdout.split() == ["False", best, "BackendError"], out.stderr
+
+
+def test_int8_extremes_are_exact(lib, isa_level):
+    """Full-range codes (−128 included, ``full_range`` formats make them) against activations
+    quantized to ±127: products the AVX2 kernel's vpmaddwd sums without saturation (a
+    vpmaddubsw pair could reach −65280 and saturate at −32768), bit for bit."""
+    if B.best_kind() is None:
+        pytest.skip("no sparse kernel at the generic level (tested above)")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-128, 128, (48, 256), generator=g, dtype=torch.int8)
+    q[:, :64] = -128
+    q[torch.rand(48, 256, generator=g) < 0.5] = 0
+    s = torch.rand(48, generator=g) + 0.5
+    x = np.where(np.arange(256) % 2, -1.0, 1.0).astype(F32)[None].repeat(3, 0)
+    x[1] *= -1
+    for sw in (F.sparse(q, "int8", scale=s), F.dense(q, "int8", scale=s)):
+        np.testing.assert_array_equal(lib.matmul(x, sw, nthreads=2), int8_model(x, sw, None))
+
+
+def test_sparse_layout_is_padded_for_whole_loads():
+    """The AVX2 kernels expand a row from 16-byte loads: a sparse layout carries F.PAD zero
+    values past its non-zeros (and the FFI entries check for them)."""
+    sw = F.sparse(torch.eye(16, 32), "bf16")
+    assert sw.nnz == 16 and sw.values.shape == (16 + F.PAD,) and not sw.values[16:].any()
+    np.testing.assert_array_equal(F.decode(sw), torch.eye(16, 32).numpy())
 
 
 def test_argument_checks(lib):
