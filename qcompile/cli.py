@@ -243,9 +243,12 @@ def _targets(tvm_error: str | None, sparse) -> dict[str, str]:
             status = "build only (a cross target)"
         elif t.startswith("cuda"):
             import torch
-            missing = [w for w, ok in (("nvcc", shutil.which("nvcc")),
-                                       ("a CUDA GPU", torch.cuda.is_available())) if not ok]
-            status = "runs here" if not missing else f"unavailable (needs {' and '.join(missing)})"
+            if not shutil.which("nvcc"):
+                status = "unavailable (building needs nvcc)"
+            elif not torch.cuda.is_available():
+                status = "build only (no CUDA GPU visible to run it)"
+            else:
+                status = "runs here"
         elif t == "lut":
             status = "runs here" if cc else "unavailable (needs a C compiler)"
         elif t == "amx":
