@@ -85,6 +85,16 @@ static inline void qc_store16(float* y, int64_t n, int64_t col0, __m512 v, const
   _mm512_mask_storeu_ps(y + col0, mk, v);
 }
 
+// Where each of JT column tiles starting at j reads its values and (sparse) row masks.
+template <int JT, typename V, typename M>
+static inline void qc_tile_streams(const V* vals, const M* masks, const int64_t* offs, int64_t j,
+                                   int64_t rows, const V* (&v)[JT], const M* (&mk)[JT]) {
+  for (int a = 0; a < JT; ++a) {
+    v[a] = vals + offs[j + a];
+    mk[a] = masks ? masks + (j + a) * rows : 0;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // (1)+(2) AVX-512 kernels over column tiles j0..j1, all m rows (MT at a time)
 
@@ -103,11 +113,7 @@ QC_AVX512 static inline void qc_bf16_block(const uint16_t* xb, int64_t kp, int64
     for (int t = 0; t < MT; ++t) acc[a][t] = _mm512_setzero_ps();
   const uint16_t* v[JT];
   const uint32_t* mk[JT];
-#pragma GCC unroll 8
-  for (int a = 0; a < JT; ++a) {
-    v[a] = vals + offs[j + a];
-    mk[a] = masks ? masks + (j + a) * rows : 0;
-  }
+  qc_tile_streams<JT>(vals, masks, offs, j, rows, v, mk);
   for (int64_t r = 0; r < rows; ++r) {
     __m512i xp[MT];
 #pragma GCC unroll 8
@@ -174,11 +180,7 @@ QC_AVX512 static inline void qc_int8_block(const int8_t* xq, const float* sx, in
     for (int t = 0; t < MT; ++t) acc[a][t] = _mm512_setzero_si512();
   const int8_t* v[JT];
   const uint64_t* mk[JT];
-#pragma GCC unroll 8
-  for (int a = 0; a < JT; ++a) {
-    v[a] = vals + offs[j + a];
-    mk[a] = masks ? masks + (j + a) * rows : 0;
-  }
+  qc_tile_streams<JT>(vals, masks, offs, j, rows, v, mk);
   for (int64_t r = 0; r < rows; ++r) {
     __m512i xp[MT];
 #pragma GCC unroll 8
@@ -327,11 +329,7 @@ QC_AVX2 static inline void qc_bf16_block2(const uint16_t* xb, int64_t kp, int64_
       for (int t = 0; t < MT; ++t) acc[a][h][t] = _mm256_setzero_ps();
   const uint16_t* v[JT];
   const uint32_t* mk[JT];
-#pragma GCC unroll 8
-  for (int a = 0; a < JT; ++a) {
-    v[a] = vals + offs[j + a];
-    mk[a] = masks ? masks + (j + a) * rows : 0;
-  }
+  qc_tile_streams<JT>(vals, masks, offs, j, rows, v, mk);
   for (int64_t r = 0; r < rows; ++r) {
     __m256 xe[MT], xo[MT];
 #pragma GCC unroll 8
@@ -429,11 +427,7 @@ QC_AVX2 static inline void qc_int8_block2(const int8_t* xq, const float* sx, int
       for (int t = 0; t < MT; ++t) acc[a][q][t] = _mm256_setzero_si256();
   const int8_t* v[JT];
   const uint64_t* mk[JT];
-#pragma GCC unroll 8
-  for (int a = 0; a < JT; ++a) {
-    v[a] = vals + offs[j + a];
-    mk[a] = masks ? masks + (j + a) * rows : 0;
-  }
+  qc_tile_streams<JT>(vals, masks, offs, j, rows, v, mk);
   for (int64_t r = 0; r < rows; ++r) {
     __m256i xs[MT];
 #pragma GCC unroll 8
