@@ -283,9 +283,10 @@ struct QcExpandTables {
 };
 static const QcExpandTables qc_expand;
 
-QC_AVX2 static inline __m128i qc_expand_bf16x8(const uint16_t* v, unsigned byte) {
+// 8 bf16 values from the packed stream at v; `at` = 16 x the mask byte (the control's offset)
+QC_AVX2 static inline __m128i qc_expand_bf16x8(const uint16_t* v, uint32_t at) {
   const __m128i d = _mm_loadu_si128((const __m128i*)v);
-  return _mm_shuffle_epi8(d, _mm_load_si128((const __m128i*)qc_expand.w16[byte]));
+  return _mm_shuffle_epi8(d, _mm_load_si128((const __m128i*)((const uint8_t*)qc_expand.w16 + at)));
 }
 
 // 16 int8 values (mask bits 0..15 of `bits`) from the packed stream at v
@@ -333,16 +334,12 @@ QC_AVX2 static inline void qc_bf16_block2(const uint16_t* xb, int64_t kp, int64_
   for (int64_t r = 0; r < rows; ++r) {
     __m256 xe[MT], xo[MT];
 #pragma GCC unroll 8
-    for (int t = 0; t < MT; ++t) {
-      uint32_t pair, e, o;
+    for (int t = 0; t < MT; ++t) {  // the activation pair, broadcast, split as the weights are
+      int32_t pair;
       memcpy(&pair, xb + (m0 + t) * kp + 2 * r, 4);
-      e = pair << 16;
-      o = pair & 0xffff0000u;
-      float fe, fo;
-      memcpy(&fe, &e, 4);
-      memcpy(&fo, &o, 4);
-      xe[t] = _mm256_set1_ps(fe);
-      xo[t] = _mm256_set1_ps(fo);
+      const __m256i xp = _mm256_set1_epi32(pair);
+      xe[t] = _mm256_castsi256_ps(_mm256_slli_epi32(xp, 16));
+      xo[t] = _mm256_castsi256_ps(_mm256_and_si256(xp, odd));
     }
 #pragma GCC unroll 8
     for (int a = 0; a < JT; ++a) {
@@ -350,12 +347,15 @@ QC_AVX2 static inline void qc_bf16_block2(const uint16_t* xb, int64_t kp, int64_
       if (SPARSE) {
         const uint32_t bits = mk[a][r];
         const uint16_t* p = v[a];
-        const int c1 = __builtin_popcount(bits & 0xffu), c2 = __builtin_popcount(bits & 0xffffu),
+        // the mask's bytes (bextr: no copies) and where quarters 1..3 start in the stream
+        const uint32_t b0 = bits & 0xff, b1 = _bextr_u32(bits, 8, 8), b2 = _bextr_u32(bits, 16, 8),
+                       b3 = bits >> 24;
+        // (independent popcounts: the stream pointer's chain from row to row stays one add)
+        const int c1 = __builtin_popcount(b0), c2 = __builtin_popcount(bits & 0xffffu),
                   c3 = __builtin_popcount(bits & 0xffffffu);
-        w[0] = _mm256_set_m128i(qc_expand_bf16x8(p + c1, bits >> 8 & 0xff),
-                                qc_expand_bf16x8(p, bits & 0xff));
-        w[1] = _mm256_set_m128i(qc_expand_bf16x8(p + c3, bits >> 24),
-                                qc_expand_bf16x8(p + c2, bits >> 16 & 0xff));
+        w[0] = _mm256_set_m128i(qc_expand_bf16x8(p + c1, b1 << 4), qc_expand_bf16x8(p, b0 << 4));
+        w[1] = _mm256_set_m128i(qc_expand_bf16x8(p + c3, b3 << 4),
+                                qc_expand_bf16x8(p + c2, b2 << 4));
         v[a] = p + __builtin_popcount(bits);
       } else {
         w[0] = _mm256_loadu_si256((const __m256i*)v[a]);
