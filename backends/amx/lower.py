@@ -12,7 +12,8 @@ kernels take replaced by a ``call_dps_packed`` of a TVM-FFI entry of :mod:`.ffi`
 A weight is laid out sparse (:func:`.format.sparse`: bitmasks and packed non-zeros) when that
 moves at least :data:`MIN_SAVING` fewer bytes than the dense layout (:func:`.format.dense`),
 counting its zeros: bytes ≈ density + 1/16 (bf16) or + 1/8 (int8) of dense, so sparse from
-about 11% (bf16) or 18% (int8) zeros on. No timing is involved.
+about 11% (bf16) or 18% (int8) zeros on; int8 weights built for the AVX2 kernels stay dense
+(:func:`choose_sparse`).
 
 A pruned weight the kernels cannot take (int8 weight-only, other formats, a float32 weight)
 falls back, on record (:attr:`AmxLinears.fallbacks`, ``report["linear.amx.fallback"]``), to
@@ -42,8 +43,14 @@ MIN_SAVING = 0.05
 _DEQUANT_RTOL = 1e-5
 
 
-def choose_sparse(kind: str, zeros: float) -> bool:
-    """Sparse layout for a weight of ``kind`` with this fraction of zeros?"""
+def choose_sparse(kind: str, zeros: float, kernel: str | None = "avx512") -> bool:
+    """Sparse layout for a weight of ``kind`` with this fraction of zeros, for the kernel kind
+    the build is for (:func:`.build.best_kind`)? By bytes, except int8 on AVX2: without
+    ``vpexpandb`` its expansion (a table lookup per mask byte) costs more than the bytes it
+    saves at any sparsity (``benchmarks/sparse.py --isa avx2``: the dense int8 kernel is the
+    faster one from 0% to 90%), so int8 weights stay dense there."""
+    if kind == "int8" and kernel == "avx2":
+        return False
     return (1.0 - zeros) + MASK_BYTES[kind] <= 1.0 - MIN_SAVING
 
 
@@ -64,17 +71,21 @@ class AmxLinears:
     taken: dict[str, str] = field(default_factory=dict)
     #: linear node name -> why it did not go to the sparse kernels
     fallbacks: dict[str, str] = field(default_factory=dict)
-    #: why no sparse kernel runs at this ISA level ("" when one does; None: not asked yet)
-    _no_kernel: str | None = None
+    #: the sparse kernel kind this build is for (:func:`.build.best_kind`; "" for none), and
+    #: why no sparse kernel runs ("" when one does); both set on first use
+    _kernel: str | None = None
+    _no_kernel: str = ""
 
-    def _isa_refusal(self) -> str:
-        if self._no_kernel is None:
+    def _kernel_kind(self) -> str | None:
+        if self._kernel is None:
             from qcompile import isa
 
             from .build import best_kind
-            self._no_kernel = "" if best_kind() is not None else (
-                f"no sparse kernel runs at ISA level {isa.level()!r} (they need AVX2 and FMA)")
-        return self._no_kernel
+            self._kernel = best_kind() or ""
+            if not self._kernel:
+                self._no_kernel = (f"no sparse kernel runs at ISA level {isa.level()!r} (they "
+                                   "need AVX2 and FMA)")
+        return self._kernel or None
 
     def __call__(self, L, n, x, b, k: int, nout: int):
         from tvm import relax
@@ -117,7 +128,7 @@ class AmxLinears:
         wv, xv = n.inputs[1], n.inputs[0]
         if wv.sparsity is None:
             return None  # not pruned: not this target's business
-        if self._isa_refusal():
+        if self._kernel_kind() is None:
             self.fallbacks[n.name] = self._no_kernel
             return None
         fmt = wv.quant.fmt
@@ -151,7 +162,7 @@ class AmxLinears:
                                       "int8 (W8A8) weights")
             return None
         zeros = float((a == 0).mean()) if a.size else 0.0
-        lay = F.sparse if choose_sparse(kind, zeros) else F.dense
+        lay = F.sparse if choose_sparse(kind, zeros, self._kernel_kind()) else F.dense
         return lay(a, kind, scale=scale), src
 
     def finish(self, graph, report: dict) -> None:
