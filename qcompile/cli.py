@@ -171,16 +171,6 @@ def _guarded(fn, *args):
         return f"unknown ({reason})"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _caches() -> dict[str, str]:
     """``{"L1d": "48 KiB", "L2": "2 MiB", ...}`` from ``/sys/devices/system/cpu/cpu0/cache``
     (empty where it is absent)."""
@@ -269,6 +259,7 @@ def host_info() -> dict:
 
     import qcompile
     from qcompile import isa
+    from qcompile.backends.lut.build import cpu_model
     level = isa.describe()  # first: an invalid QCOMPILE_ISA is a ConfigError, reported cleanly
     have = isa.host_features()
     try:
@@ -300,7 +291,7 @@ def host_info() -> dict:
     sparse = _guarded(sparse_kind)
     return {
         "cpu": {
-            "model": _cpu_model(), "machine": platform.machine(), "cores": cores,
+            "model": cpu_model(), "machine": platform.machine(), "cores": cores,
             "avx2": "avx2" in have, "fma": "fma" in have,
             "avx512": {label: f in have for label, f in _AVX512},
             "amx": {label: f in have for label, f in _AMX},
