@@ -26,11 +26,13 @@ from qcompile.errors import BackendError
 
 from .format import SparseWeight
 
-__all__ = ["source", "library", "AmxLibrary", "amx_available", "best_kind", "KINDS",
+__all__ = ["source", "library", "AmxLibrary", "amx_available", "best_kind", "KINDS", "KIND_OF",
            "object_instructions", "AMX_FLAGS"]
 
 CSRC = Path(__file__).parent / "csrc"
 KINDS = {"avx512": 0, "amx": 1, "emulated": 2, "avx2": 3}
+#: the code ``qc_sp_kind`` (the run-time choice) returns -> its kind (-1: none)
+KIND_OF = {code: name for name, code in KINDS.items() if name != "emulated"}
 #: what each kind needs at run time (``emulated`` runs on the AVX-512 kernels' instructions)
 _NEEDS = {"avx512": "avx512", "amx": "avx512", "emulated": "avx512", "avx2": "avx2"}
 #: the flags a compile-only check of the AMX code uses (the functions also carry target
@@ -98,9 +100,8 @@ class AmxLibrary:
         return bool(self.lib.qc_sp_has_avx2())
 
     def runs(self, kind: str) -> bool:
-        """Whether kernels of ``kind`` can run on this CPU (``QCOMPILE_ISA`` aside)."""
-        if kind == "amx":
-            return amx_available()
+        """Whether the instructions of ``kind``'s kernels run on this CPU (the AMX gate and
+        ``QCOMPILE_ISA`` aside)."""
         return self.has_avx512() if _NEEDS[kind] == "avx512" else self.has_avx2()
 
     @staticmethod
@@ -163,4 +164,4 @@ def best_kind() -> str | None:
     sparse kernel: the CPU or ``QCOMPILE_ISA`` allows less than AVX2)."""
     from qcompile import isa
     isa.cap()  # an invalid QCOMPILE_ISA is a ConfigError, not a silent "no cap"
-    return {1: "amx", 0: "avx512", 3: "avx2"}.get(int(library().lib.qc_sp_kind()))
+    return KIND_OF.get(int(library().lib.qc_sp_kind()))

@@ -18,14 +18,15 @@ arrays' sizes are checked against ``k`` and ``n``.
 An entry runs on TVM's thread pool (``TVMBackendParallelLaunch``, no OpenMP), so the VM's
 kernels and these share one set of workers: every task converts its share of the rows (bf16
 rounding, or per-token int8 quantization with scales), a barrier, then every task runs its
-share of (row block × column unit) work units; a column unit is one tile for AVX-512 and an
-aligned pair for AMX (its 2×2 blocking), row blocks are only cut when there are fewer column
+share of (row block × column unit) work units; a column unit is one tile for AVX-512 / AVX2 and
+an aligned pair for AMX (its 2×2 blocking), row blocks are only cut when there are fewer column
 units than tasks.
 
 The kernel kind is chosen when the entry runs, not when the model is built: AMX tiles where
 the runtime gate (``qc_amx_available``: CPUID, ``ARCH_REQ_XCOMP_PERM``, ``QCOMPILE_NO_AMX``)
-allows them, else AVX-512 — the weight layout is the same, so an artifact built on an AMX
-machine runs on any AVX-512 BF16/VBMI2/VNNI CPU. :func:`kind` says which one a library runs.
+allows them, else AVX-512, else AVX2, all capped by ``QCOMPILE_ISA`` — the weight layout is the
+same, so an artifact built on an AMX machine runs on any AVX2 CPU. :func:`kind` says which one
+a library runs.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from qcompile.backends.hooked import FFI_HELPERS
 from qcompile.backends.lut.build import compile_source
 from qcompile.errors import BackendError
 
-from .build import source
+from .build import KIND_OF, source
 
 __all__ = ["KERNELS", "TAG", "global_name", "kernel_name", "shim_source", "library_source",
            "compile_library", "load", "register", "kind"]
@@ -45,7 +46,6 @@ TAG = "amx-ffi"
 #: the entry points: name -> (weight kind, sparse layout)
 KERNELS = {"bf16_sparse": ("bf16", True), "bf16_dense": ("bf16", False),
            "int8_sparse": ("int8", True), "int8_dense": ("int8", False)}
-_KINDS = {1: "amx", 0: "avx512", 3: "avx2"}
 
 _SHIM = r"""
 // ---- TVM-FFI entry points (qcompile.backends.amx.ffi): C ABI of tvm/ffi/c_api.h ----
@@ -254,8 +254,9 @@ def load(path):
 
 
 def kind(module) -> str | None:
-    """``"amx"`` or ``"avx512"``: what ``module``'s entries run here (None: neither can)."""
-    return _KINDS.get(int(module.qc_amx_kind()))
+    """``"amx"``, ``"avx512"`` or ``"avx2"``: what ``module``'s entries run here now (None: no
+    sparse kernel can)."""
+    return KIND_OF.get(int(module.qc_amx_kind()))
 
 
 def register(module, kernels) -> None:
@@ -263,9 +264,10 @@ def register(module, kernels) -> None:
     this CPU can run them."""
     import tvm_ffi
     if kind(module) is None:
-        raise BackendError("the sparse kernels of target 'amx' need AVX-512 with BF16, VBMI2 "
-                           "and VNNI; this CPU lacks them",
-                           hint="build the model for target 'cpu' instead")
+        raise BackendError("the sparse kernels of target 'amx' need AVX2 and FMA at least; this "
+                           "CPU (or QCOMPILE_ISA) allows less",
+                           hint="rebuild the model here (pruned linears then use the dense cpu "
+                                "kernels), or unset QCOMPILE_ISA")
     for k in dict.fromkeys(kernels):
         tvm_ffi.register_global_func(global_name(k), getattr(module, f"qc_amx_{k}"),
                                      override=True)
