@@ -32,7 +32,14 @@ def _versions() -> dict:
         tvm_version = tvm.__version__
     except Exception:
         tvm_version = None
-    return {"qcompile": __version__, "torch": torch.__version__.split("+")[0], "tvm": tvm_version}
+    out = {"qcompile": __version__, "torch": torch.__version__.split("+")[0], "tvm": tvm_version}
+    from importlib.metadata import PackageNotFoundError, version
+    for pkg in ("onnx", "onnxruntime", "onnxruntime-qnn"):  # the onnx and npu targets' runtimes
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _sha256(path: Path) -> str:
