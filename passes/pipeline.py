@@ -74,7 +74,23 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labe
     names += ["quantize_weights", "quantize_activations"]
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}
+    if _full_qdq(target):  # NPU runtimes: integer node units everywhere, masks as arithmetic
+        names = ["canonicalize_npu", "decompose_attention"] + names[:-1] + \
+            ["quantize_all_activations"]
+        opts["quantize_all_activations"] = {"config": cfg, "data": data, "progress": progress,
+                                            "max_samples": cfg.calibration_size}
     return names, opts
+
+
+def _full_qdq(target) -> bool:
+    """Whether ``target``'s backend runs every op on integers (``Backend.full_qdq``)."""
+    if not isinstance(target, str):
+        return False
+    from qcompile.backends import get_backend
+    try:
+        return bool(getattr(get_backend(target), "full_qdq", False))
+    except Exception:  # noqa: BLE001 - an unknown target is reported by compile()
+        return False
 
 
 def quantize_graph(graph: Graph, config, calibration=None, *, progress: bool = True,

@@ -89,6 +89,8 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
     backend = get_backend(target)  # an unknown target fails before any work
     from qcompile.config import QuantConfig
     config = QuantConfig.coerce(config)  # a bad config fails before any work too
+    if config is None and calibration is not None and hasattr(backend, "default_config"):
+        config = backend.default_config()  # npu: the HTP's recipe (uint16 activations, int8 weights)
     _check_tune_trials(tune_trials, target, backend)
     if (calibration is not None or labels is not None) and config is None:
         raise ConfigError("calibration data or labels were given without a quantization config",

@@ -129,4 +129,6 @@ class OnnxBackend:
 
 register_backend(OnnxBackend())
 
+from . import npu as _npu  # noqa: E402,F401  (registers npu, npu:v68 … npu:v81)
+
 __all__ += ["check_exportable"]

@@ -773,18 +773,36 @@ def _index(e, n, ins):
     if any(i.dtype == "bool" for i in idx):
         raise BackendError("boolean indexing over several axes has no ONNX export", node=n,
                            hint="place this node on target 'cpu'")
-    # numpy advanced indexing as GatherND: the indexed axes moved to the front, the index
-    # tensors broadcast to B and stacked on a last axis; the result is B + the other axes,
-    # with B moved after the leading axes when the indexed axes were consecutive
+    # numpy advanced indexing as one Gather: the indexed axes moved to the front and flattened
+    # into one, the index tensors broadcast to B and combined into the flat index
+    # Σ i_k·stride_k (folded when they are constants, as masks' are); the result is B + the
+    # other axes, with B moved after the leading axes when the indexed axes were consecutive.
+    # (Gather, not GatherND: the QNN HTP refuses GatherND.)
     rank = len(x.shape)
     others = [a for a in range(rank) if a not in axes]
+    sizes = [x.shape[a] for a in axes]
+    if not all(isinstance(d, int) for d in sizes):
+        raise BackendError("advanced indexing over symbolic sizes has no ONNX export", node=n,
+                           hint="export with static shapes")
     xt = ins[0] if axes + others == list(range(rank)) else \
         e.emit("Transpose", [ins[0]], perm=axes + others)
+    xt = e.emit("Reshape", [xt, e.dims([int(np.prod(sizes))] + [x.shape[a] for a in others])])
     from qcompile.ir.ops._infer import broadcast_shapes
     b = list(broadcast_shapes(*[i.shape for i in idx]))
-    cols = [e.emit("Unsqueeze", [e.emit("Expand", [_idx(e, v, t), e.dims(b)]), e.i64([-1])])
-            for v, t in zip(idx, ins[1:])]
-    y = e.emit("GatherND", [xt, e.emit("Concat", cols, axis=-1)])
+    strides = [int(np.prod(sizes[k + 1:])) for k in range(len(sizes))]
+    if all(v.name in e.g.constants for v in idx) and all(isinstance(d, int) for d in b):
+        flat = np.zeros(b, np.int64)
+        for v, size, st in zip(idx, sizes, strides):
+            i = e.g.constants[v.name].to(torch.int64).numpy()
+            flat = flat + np.where(i < 0, i + size, i) * st
+        fi = e.const(flat, f"{n.name}.flat_index")
+    else:
+        fi = None
+        for v, t, st in zip(idx, ins[1:], strides):
+            term = e.emit("Mul", [_idx(e, v, t), e.i64(st)]) if st != 1 else _idx(e, v, t)
+            fi = term if fi is None else e.emit("Add", [fi, term])
+        fi = e.emit("Expand", [fi, e.dims(b)])
+    y = e.emit("Gather", [xt, fi], axis=0)
     first = axes[0]
     if axes == list(range(first, first + len(axes))) and first > 0:
         nb = len(b)

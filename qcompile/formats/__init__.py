@@ -1,4 +1,4 @@
-"""Numeric formats, exact to the bit: integer (1–8 bits), plain fp16/bf16, minifloats
+"""Numeric formats, exact to the bit: integer (1–8 and 16 bits), plain fp16/bf16, minifloats
 (FP8/FP6/FP4), OCP MX block formats, NVFP4, codebook formats (NF4, SF4, RaZeR, BitMoD);
 quantize, dequantize, fake-quantize, bit-pack, and convert between them.
 

@@ -1,4 +1,4 @@
-"""Integer formats, 1–8 bits: signed or unsigned codes, symmetric or asymmetric scaling.
+"""Integer formats, 1–8 and 16 bits: signed or unsigned codes, symmetric or asymmetric scaling.
 
 Affine quantization (Jacob et al., "Quantization and Training of Neural Networks for
 Efficient Integer-Arithmetic-Only Inference", CVPR 2018, eq. 1): ``r = s (q - z)``.
@@ -17,6 +17,11 @@ side then saturates at ``2^(b-1) - 1``.
 The 1-bit symmetric format is binary: ``x ≈ s · sign(x)`` with ``s = mean|x|`` per block, the
 least-squares optimum (Rastegari et al., "XNOR-Net", ECCV 2016, eq. 3–6); its code is the sign
 bit (0 for negative, 1 otherwise).
+
+Code dtypes: ``int8``/``uint8`` up to 8 bits; 16-bit codes in ``int16`` when signed and
+``int32`` when unsigned (``uint16`` codes 0..65535 do not fit ``int16``, and ``torch.uint16``
+lacks most ops). Zero points are stored in the code dtype. Every code of up to 16 bits is
+exact in the fp32 arithmetic of ``_encode``/``_decode`` (integers below ``2^24``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ from qcompile.formats.base import Format, safe_div, scale_dtype
 from qcompile.formats.registry import register_format
 from qcompile.ir.quant import Granularity
 
-__all__ = ["IntFormat"]
+__all__ = ["IntFormat", "INT_BITS"]
+
+#: the element widths of the registered integer formats (``int{b}`` / ``uint{b}``)
+INT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,10 @@ class IntFormat(Format):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ConfigError(f"{self.name}: integer formats have 1 to 8 bits, got {self.bits!r}",
-                              hint="use int1..int8 or uint1..uint8")
+        if not isinstance(self.bits, int) or self.bits not in INT_BITS:
+            raise ConfigError(f"{self.name}: integer formats have 1 to 8 or 16 bits, got "
+                              f"{self.bits!r}", hint="use int1..int8, int16, uint1..uint8 or "
+                              "uint16")
         if self.granularity == Granularity.NONE:
             raise ConfigError(f"{self.name}: integer formats need a scale; granularity 'none' "
                               "is for plain float storage", hint="use per_tensor, per_channel, "
@@ -78,6 +87,8 @@ class IntFormat(Format):
 
     @property
     def code_dtype(self) -> torch.dtype:
+        if self.bits > 8:  # 16 bits: uint16 codes need int32 (see the module docstring)
+            return torch.int16 if self.signed else torch.int32
         return torch.int8 if self.signed and not self.binary else torch.uint8
 
     def param_bits(self, role: str) -> int:
@@ -129,6 +140,6 @@ class IntFormat(Format):
         return (cb.float() - z) * s
 
 
-for _b in range(1, 9):
+for _b in INT_BITS:
     register_format(f"int{_b}", IntFormat, bits=_b, signed=True, symmetric=True)
     register_format(f"uint{_b}", IntFormat, bits=_b, signed=False, symmetric=False)

@@ -5,8 +5,10 @@ little-endian bit stream: code ``i`` occupies stream bits ``[i·b, (i+1)·b)``, 
 significant bit first, and stream bit ``k`` is bit ``k mod 8`` of byte ``k div 8``. So for
 b = 4, code 0 is the low nibble of byte 0 and code 1 its high nibble (the ONNX
 ``MatMulNBits`` / GGML order); for b = 3 and 6, codes straddle bytes. The last byte is
-zero-padded. Signed codes are stored as their low ``b`` bits of two's complement and
-sign-extended on unpacking.
+zero-padded. Widths are 1 to 16 bits (b = 16: plain little-endian 16-bit words). Signed
+codes are stored as their low ``b`` bits of two's complement and sign-extended on unpacking;
+a section's dtype says which: ``int8`` and ``int16`` sections hold signed codes, ``uint8`` and
+``int32`` ones (``uint16`` codes, see ``qcompile.formats.integer``) unsigned codes.
 
 **Packed tensor** (``QuantizedTensor.pack``), all integers little-endian::
 
@@ -16,7 +18,8 @@ sign-extended on unpacking.
     offset 8   u32  header length H
     offset 12  H bytes of UTF-8 JSON: {"format": {...}, "shape": [...], "axis": ...,
                "dtype": "float32", "sections": [{"role": "codes" | <param role>,
-               "shape": [...], "dtype": "uint8" | "int8" | "float16" | ..., "bits": b,
+               "shape": [...], "dtype": "uint8" | "int8" | "int16" | "int32" | "float16" | ...,
+               "bits": b,
                "offset": o, "nbytes": m}, ...]}
     then each section at its offset (a multiple of 16 from the start of the buffer):
         codes in C order of the (padded) code shape, bit-packed at the element width;
@@ -40,20 +43,34 @@ __all__ = ["pack_bits", "unpack_bits", "pack_tensor", "unpack_tensor", "MAGIC", 
 MAGIC = b"QCQT"
 VERSION = 1
 _ALIGN = 16
-_NP = {torch.uint8: np.uint8, torch.int8: np.int8, torch.float16: np.float16,
-       torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64}
+_NP = {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+       torch.float16: np.float16, torch.float32: np.float32, torch.int32: np.int32,
+       torch.int64: np.int64}
+MAX_BITS = 16
+#: integer section dtypes that are bit-packed, with the widths they may hold; int8 and int16
+#: hold signed codes, uint8 and int32 (16-bit unsigned codes) unsigned ones
+_PACKED = {torch.uint8: (1, 8, False), torch.int8: (1, 8, True), torch.int16: (9, 16, True),
+           torch.int32: (9, 16, False)}
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     """Pack unsigned ``codes`` (values below ``2**bits``) into a little-endian bit stream."""
-    u = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    if not 1 <= bits <= MAX_BITS:
+        raise QuantizationError(f"cannot bit-pack {bits}-bit codes; widths are 1 to {MAX_BITS}")
+    a = np.asarray(codes).reshape(-1)
+    mask = (1 << bits) - 1
+    if a.size and (int(a.min()) < 0 or int(a.max()) > mask):
+        raise QuantizationError(f"a code exceeds {bits} bits (range {int(a.min())}.."
+                                f"{int(a.max())})", hint="pass unsigned codes below 2**bits")
+    if bits > 8:
+        w = np.ascontiguousarray(a, dtype="<u2")
+        if bits == 16:
+            return w.tobytes()
+        planes = np.unpackbits(w.view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")
+        return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
+    u = np.ascontiguousarray(a, dtype=np.uint8)
     if bits == 8:
         return u.tobytes()
-    if not 1 <= bits < 8:
-        raise QuantizationError(f"cannot bit-pack {bits}-bit codes; widths are 1 to 8")
-    mask = (1 << bits) - 1
-    if (u > mask).any():
-        raise QuantizationError(f"a code exceeds {bits} bits (max {int(u.max())})")
     if 8 % bits == 0:  # 1, 2, 4: whole codes per byte, a vectorised shift-or
         per = 8 // bits
         pad = (-u.size) % per
@@ -67,13 +84,24 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: ``count`` unsigned codes as ``uint8``."""
+    """Inverse of ``pack_bits``: ``count`` unsigned codes as ``uint8`` (``uint16`` for widths
+    above 8)."""
+    if not 1 <= bits <= MAX_BITS:
+        raise QuantizationError(f"cannot unpack {bits}-bit codes; widths are 1 to {MAX_BITS}")
     need = math.ceil(count * bits / 8)
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size < need:
         raise QuantizationError(f"packed codes are truncated: {buf.size} bytes for {count} "
                                 f"{bits}-bit codes (need {need})")
     buf = buf[:need]
+    if bits > 8:
+        if bits == 16:
+            return np.frombuffer(buf.tobytes(), "<u2").astype(np.uint16)
+        stream = np.unpackbits(buf, bitorder="little")[: count * bits].reshape(count, bits)
+        planes = np.zeros((count, 16), np.uint8)
+        planes[:, :bits] = stream
+        return np.packbits(planes, axis=1, bitorder="little").view("<u2").reshape(-1) \
+            .astype(np.uint16)
     if bits == 8:
         return buf.copy()
     if 8 % bits == 0:
@@ -86,15 +114,16 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
 
 def _to_unsigned(t: torch.Tensor, bits: int) -> np.ndarray:
+    """The low ``bits`` of each code (two's complement for signed codes)."""
     a = t.detach().contiguous().numpy()
-    if a.dtype == np.int8:
-        return a.view(np.uint8) & np.uint8((1 << bits) - 1)
-    return a
+    if a.dtype == np.uint8:
+        return a
+    return (a.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint16 if bits > 8 else np.uint8)
 
 
-def _sign_extend(u: np.ndarray, bits: int) -> np.ndarray:
-    sign = np.uint8(1 << (bits - 1))
-    return ((u ^ sign).astype(np.int16) - int(sign)).astype(np.int8)
+def _sign_extend(u: np.ndarray, bits: int, dtype) -> np.ndarray:
+    sign = 1 << (bits - 1)
+    return ((u.astype(np.int64) ^ sign) - sign).astype(dtype)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -103,7 +132,8 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def _section(role: str, t: torch.Tensor, bits: int | None):
     """(header entry, payload) of one tensor: bit-packed when ``bits`` is given."""
-    if bits is not None and t.dtype in (torch.uint8, torch.int8) and bits <= 8:
+    lo, hi, _signed = _PACKED.get(t.dtype, (0, -1, False))
+    if bits is not None and lo <= bits <= hi:
         payload = pack_bits(_to_unsigned(t, bits), bits)
     else:
         bits = None
@@ -117,7 +147,7 @@ def _section(role: str, t: torch.Tensor, bits: int | None):
 
 def pack_tensor(qt) -> bytes:
     f = qt.format
-    entries = [_section("codes", qt.codes, f.bits if f.bits <= 8 else None)]
+    entries = [_section("codes", qt.codes, f.bits if f.bits <= MAX_BITS else None)]
     for role, p in qt.params.items():
         pb = f.param_bits(role)
         entries.append(_section(role, p, pb if role in ("zero_point", "meta") else None))
@@ -178,8 +208,11 @@ def unpack_tensor(data: bytes):
         count = math.prod(shape)
         dt = getattr(torch, s["dtype"])
         if s["bits"] is not None:
+            if dt not in _PACKED:
+                raise QuantizationError(f"packed tensor section {s['role']!r} has bit-packed "
+                                        f"dtype {s['dtype']!r}, which no format packs")
             u = unpack_bits(raw, s["bits"], count)
-            a = _sign_extend(u, s["bits"]) if dt == torch.int8 else u
+            a = _sign_extend(u, s["bits"], _NP[dt]) if _PACKED[dt][2] else u.astype(_NP[dt])
             t = torch.from_numpy(a.reshape(shape))
         elif dt == torch.bfloat16:
             t = torch.from_numpy(np.frombuffer(raw, "<i2").astype(np.int16).reshape(shape)

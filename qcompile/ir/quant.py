@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["Granularity", "QuantSpec", "int_range"]
+__all__ = ["Granularity", "QuantSpec", "int_range", "int_code_dtype"]
 
 
 class Granularity(str, Enum):
@@ -26,19 +26,34 @@ class Granularity(str, Enum):
     PER_TOKEN = "per_token"  # dynamic: scales computed at run time from each row's abs-max
 
 
-_INT_FMT = re.compile(r"^(u?)int([1-8])$")
+_INT_FMT = re.compile(r"^(u?)int([1-8]|16)$")
 
 
-def int_range(fmt: str) -> tuple[int, int]:
-    """(qmin, qmax) of an integer format name such as ``int8`` or ``uint4``."""
+def _int_bits(fmt: str) -> tuple[bool, int]:
     m = _INT_FMT.match(fmt)
     if not m:
         from qcompile.errors import ConfigError
-        raise ConfigError(f"unknown integer format {fmt!r}", hint="use int1..int8 or uint1..uint8")
-    bits = int(m.group(2))
-    if m.group(1):
+        raise ConfigError(f"unknown integer format {fmt!r}",
+                          hint="use int1..int8, int16, uint1..uint8 or uint16")
+    return not m.group(1), int(m.group(2))
+
+
+def int_range(fmt: str) -> tuple[int, int]:
+    """(qmin, qmax) of an integer format name such as ``int8``, ``uint4`` or ``uint16``."""
+    signed, bits = _int_bits(fmt)
+    if not signed:
         return 0, 2 ** bits - 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def int_code_dtype(fmt: str) -> str:
+    """The IR dtype holding the codes of integer format ``fmt``: ``int8``/``uint8`` up to 8 bits,
+    ``int16`` for ``int16`` and ``int32`` for ``uint16`` (its codes 0..65535 do not fit
+    ``int16``), as ``qcompile.formats.IntFormat.code_dtype``."""
+    signed, bits = _int_bits(fmt)
+    if bits > 8:
+        return "int16" if signed else "int32"
+    return "int8" if signed else "uint8"
 
 
 @dataclass(frozen=True)

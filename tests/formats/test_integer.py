@@ -1,5 +1,6 @@
 """Integer formats: grids, rounding, saturation, symmetric/asymmetric, granularities, scale
-dtypes, clipping, the 1-bit binary format, padding, NaN policy, STE."""
+dtypes, clipping, the 1-bit binary format, padding, NaN policy, STE; the 16-bit formats (ranges,
+code dtypes, round trip, calibrated uint16 zero point, packing, a serialized graph)."""
 from __future__ import annotations
 
 import pytest
@@ -129,7 +130,7 @@ def test_padding_only_when_asked():
     assert torch.equal(y[:, :32], F.get("int4", group_size=32).fake_quant(x[:, :32]))
 
 
-@pytest.mark.parametrize("bad", [dict(bits=9), dict(bits=0), dict(granularity="none"),
+@pytest.mark.parametrize("bad", [dict(bits=9), dict(bits=0), dict(bits=32), dict(granularity="none"),
                                  dict(clip_ratio=1.5), dict(scale_dtype="fp64"),
                                  dict(nan_policy="ignore"), dict(granularity="per_group")])
 def test_bad_options(bad):
@@ -190,3 +191,124 @@ def test_full_range_matches_onnxruntime_matmulnbits():
     assert full_err < _rel(F.get("int4", group_size=g), x)  # 16 levels beat 15
     with pytest.raises(ConfigError, match="full_range"):
         F.get("uint4", full_range=True)  # asymmetric
+
+
+# -- 16-bit integers -------------------------------------------------------------------------
+def test_sixteen_bit_ranges_and_code_dtypes():
+    from qcompile.ir.quant import int_code_dtype, int_range
+    i16, u16 = F.get("int16"), F.get("uint16")
+    assert (i16.bits, i16.signed, i16.symmetric) == (16, True, True)
+    assert (u16.bits, u16.signed, u16.symmetric) == (16, False, False)  # asymmetric by default
+    assert i16.qrange == int_range("int16") == (-32768, 32767)
+    assert u16.qrange == int_range("uint16") == (0, 65535)
+    # uint16 codes do not fit int16, and torch.uint16 lacks most ops: int32
+    assert i16.code_dtype == torch.int16 and u16.code_dtype == torch.int32
+    assert (int_code_dtype("int16"), int_code_dtype("uint16")) == ("int16", "int32")
+    assert (int_code_dtype("int8"), int_code_dtype("uint4")) == ("int8", "uint8")
+    assert u16.roles == ("scale", "zero_point") and u16.param_bits("zero_point") == 16
+    for bad in ("int9", "uint12", "int32", "int0"):
+        with pytest.raises(ConfigError, match="int16"):
+            int_range(bad)
+        with pytest.raises(ConfigError, match="unknown numeric format"):
+            F.get(bad)
+    with pytest.raises(ConfigError, match="1 to 8 or 16 bits"):
+        F.IntFormat(name="int", bits=12)
+
+
+@pytest.mark.parametrize("name", ["int16", "uint16"])
+def test_sixteen_bit_round_trip(name):
+    """Each row's extreme lands on the end of the grid, codes are round(x/s) + z, and the error
+    is at most half a step and fp32 rounding (Jacob et al. 2018, eq. 1)."""
+    x = torch.randn(8, 300) * torch.logspace(-2, 2, 8)[:, None]
+    fmt = F.get(name, granularity="per_channel")
+    qt = fmt.quantize(x)
+    s = qt.params["scale"]
+    assert qt.codes.dtype == fmt.code_dtype and s.shape == (8, 1)
+    z = qt.params["zero_point"].float() if name == "uint16" else 0.0
+    assert torch.equal(qt.codes, (torch.round(x / s) + z).clamp(*fmt.qrange).to(fmt.code_dtype))
+    if name == "int16":
+        assert torch.equal(s, x.abs().amax(-1, keepdim=True) / 32767)
+        assert qt.codes.abs().amax(-1).eq(32767).all()
+    else:
+        assert int(qt.codes.min()) == 0 and int(qt.codes.max()) == 65535  # past int16
+    y = fmt.dequantize(qt)
+    # half a step, plus fp32 rounding of x/s and of (q − z)·s: u·|x| each (u = 2^-24), which at
+    # 2^15..2^16 steps per range is no longer negligible against s/2
+    assert ((y - x).abs() <= s / 2 * (1 + 1e-6) + 2 ** -23 * x.abs()).all()
+    assert torch.equal(fmt.quantize(x, params=qt.params).codes, qt.codes)
+    # 16 bits are ~256x finer than 8: the error falls accordingly
+    e8 = _rel(F.get(name[:-2] + "8", granularity="per_channel"), x)
+    assert _rel(fmt, x) < e8 / 100
+
+
+def test_uint16_per_tensor_calibrated_zero_point():
+    """Per tensor from a calibrated [min, max] (as quantize_activations does): ``s = (max −
+    min) / 65535``, ``z = −round(min / s)`` stored in int32; zero is exact, min and max land on
+    0 and 65535, values beyond saturate."""
+    lo, hi = torch.tensor(-0.75), torch.tensor(3.5)
+    fmt = F.get("uint16")
+    params = fmt.quantize(torch.stack([lo, hi])).params
+    s, z = params["scale"], params["zero_point"]
+    assert s.shape == () and z.shape == () and z.dtype == torch.int32
+    assert torch.equal(s, (hi - lo) / 65535)
+    assert int(z) == -int(torch.round(lo / s)) == 11565
+    x = torch.tensor([0.0, -0.75, 3.5, -5.0, 9.0, 1.0])
+    qt = fmt.quantize(x, params=params)
+    assert qt.codes.tolist()[:5] == [int(z), 0, 65535, 0, 65535]
+    y = fmt.dequantize(qt)
+    assert y[0] == 0 and abs(float(y[1]) + 0.75) <= float(s) / 2 and abs(float(y[2]) - 3.5) <= \
+        float(s) / 2
+    assert abs(float(y[5]) - 1.0) <= float(s) / 2
+    # an all-positive range still includes zero (z = 0)
+    pos = fmt.quantize(torch.tensor([0.5, 2.0])).params
+    assert int(pos["zero_point"]) == 0 and torch.equal(pos["scale"], torch.tensor(2.0) / 65535)
+
+
+def test_int16_per_token_dynamic():
+    x = torch.randn(2, 3, 50)
+    fmt = F.get("int16", granularity="per_token")
+    qt = fmt.quantize(x)
+    assert qt.params["scale"].shape == (2, 3, 1) and "zero_point" not in qt.params
+    assert torch.equal(fmt.fake_quant(x), fmt.dequantize(qt))
+
+
+def test_sixteen_bit_pack_is_two_bytes_a_code():
+    x = torch.randn(4, 64) * 3
+    for name in ("int16", "uint16"):
+        fmt = F.get(name, granularity="per_channel")
+        qt = fmt.quantize(x)
+        back = F.QuantizedTensor.unpack(qt.pack())
+        assert back.codes.dtype == qt.codes.dtype and torch.equal(back.codes, qt.codes)
+        assert all(torch.equal(back.params[k], p) and back.params[k].dtype == p.dtype
+                   for k, p in qt.params.items())
+        assert qt.bits_per_element == pytest.approx(16 + (32 + (16 if name == "uint16" else 0))
+                                                    / 64)
+        assert len(qt.pack()) < 4 * 64 * 2 + 1024  # codes at 16 bits, not at int32's 32
+
+
+def test_graph_with_a_uint16_spec_serializes(tmp_path):
+    """QuantSpec JSON and a graph holding a uint16 activation spec (int32 zero point in
+    safetensors) round-trip; the reloaded graph computes the same bits."""
+    from qcompile.interpreter import Interpreter
+    from qcompile.ir import Graph, TensorType
+    from qcompile.ir.quant import QuantSpec
+    from qcompile.ir.serialize import load_graph, save_graph
+
+    g = Graph("u16")
+    x = g.add_input("x", TensorType(("batch", 8), "float32"))
+    qt = F.get("uint16").quantize(torch.tensor([-1.0, 2.0]))
+    ps = {r: g.add_constant(f"x.act_{r}", t).name for r, t in qt.params.items()}
+    spec = QuantSpec("uint16", "per_tensor", **ps)
+    assert ("symmetric", False) in spec.options and spec.fmt.code_dtype == torch.int32
+    assert QuantSpec.from_json(spec.to_json()) == spec
+    y = g.add("identity", x, name="q")
+    y.quant = spec
+    w = g.add_constant("w", torch.randn(4, 8))
+    g.outputs = [g.add("linear", y, w, None, name="fc")]
+    save_graph(g, tmp_path)
+    back = load_graph(tmp_path)
+    assert back.value("q").quant == spec
+    assert back.constants[spec.zero_point].dtype == torch.int32
+    assert torch.equal(back.constants[spec.zero_point], g.constants[spec.zero_point])
+    xs = torch.randn(5, 8) * 2
+    assert torch.equal(Interpreter(back).run(xs)[0], Interpreter(g).run(xs)[0])

@@ -16,11 +16,11 @@ from qcompile.formats.packing import MAGIC
 
 
 @settings(max_examples=200, deadline=None)
-@given(bits=st.integers(1, 8), data=st.data())
+@given(bits=st.integers(1, 16), data=st.data())
 def test_pack_bits_roundtrip(bits, data):
     n = data.draw(st.integers(0, 200))
     codes = np.array(data.draw(st.lists(st.integers(0, 2 ** bits - 1), min_size=n, max_size=n)),
-                     dtype=np.uint8)
+                     dtype=np.uint8 if bits <= 8 else np.uint16)
     packed = F.pack_bits(codes, bits)
     assert len(packed) == -(-n * bits // 8)
     assert np.array_equal(F.unpack_bits(packed, bits, n), codes)
@@ -35,6 +35,13 @@ def test_documented_bit_order():
     assert F.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1], np.uint8), 1) == bytes([0x0D, 0x01])
     with pytest.raises(QuantizationError, match="exceeds 2 bits"):
         F.pack_bits(np.array([4], np.uint8), 2)
+    # 16 bits: little-endian words; 12 bits: code 0 = byte 0 + low nibble of byte 1
+    assert F.pack_bits(np.array([0x1234, 0xFFFE], np.int32), 16) == bytes([0x34, 0x12, 0xFE, 0xFF])
+    assert F.pack_bits(np.array([0xABC, 0x123], np.uint16), 12) == bytes([0xBC, 0x3A, 0x12])
+    with pytest.raises(QuantizationError, match="exceeds 16 bits"):
+        F.pack_bits(np.array([65536], np.int32), 16)
+    with pytest.raises(QuantizationError, match="widths are 1 to 16"):
+        F.pack_bits(np.array([1], np.int32), 17)
 
 
 def _cases():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.ir.quant import int_range
+from qcompile.ir.quant import int_code_dtype, int_range
 from qcompile.ir.registry import Attr, op
 from qcompile.ir.types import TensorType, to_torch_dtype
 
@@ -27,14 +27,15 @@ _QATTRS = {"axis": Attr("int", 1), "block_size": Attr("int", 0), "format": Attr(
 
 
 @op("quantize", inputs=("x", "scale", "zero_point?"), attrs=_QATTRS,
-    infer=lambda t, a: TensorType(t[0].shape, "uint8" if a["format"].startswith("u") else "int8"))
+    infer=lambda t, a: TensorType(t[0].shape, int_code_dtype(a["format"])))
 def quantize(x, scale, zero_point, axis, block_size, format):
-    """Float to integer codes (stored in int8/uint8), round half to even, saturating."""
+    """Float to integer codes (int8/uint8; int16, or int32 for uint16), round half to even,
+    saturating."""
     qmin, qmax = int_range(format)
     s = _expand(scale.to(torch.float32), x, axis, block_size)
     z = 0 if zero_point is None else _expand(zero_point.to(torch.float32), x, axis, block_size)
     q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax)
-    return q.to(to_torch_dtype("uint8" if format.startswith("u") else "int8"))
+    return q.to(to_torch_dtype(int_code_dtype(format)))
 
 
 @op("dequantize", inputs=("q", "scale", "zero_point?"), attrs=_QATTRS,

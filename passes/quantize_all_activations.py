@@ -1,0 +1,120 @@
+"""quantize_all_activations: a static per-tensor format on *every* float value — the full
+QDQ form that NPU runtimes need (each op an integer "node unit": DQ → op → Q).
+
+``quantize_activations`` quantizes only what a quantized linear reads; an NPU instead runs
+every op on integers, so every tensor needs a scale: graph inputs, every float node output,
+and the float constants ops read as data (embedding tables, the positional embeddings an
+``add`` reads, the attention scale) — as ONNX Runtime's ``quantize_static`` does. Scales and
+zero points come from the calibrated min/max of the float model (Jacob et al. 2018, §3: the
+asymmetric range with zero exactly representable); constants use their own min/max.
+
+- Data-movement ops (reshape, permute, expand, slice, select, gather, embedding, max-pool,
+  concat of one grid …) give their output the *same* parameters as their input: the values
+  stay on the input's grid, so the fake quantization is the identity there and the NPU
+  needs no requantization.
+- LayerNorm γ gets ``norm_weights`` (uint8 asymmetric per tensor: the QNN HTP rejects a
+  signed γ, npu.md §2); linear/conv weights are left to ``quantize_weights``; their biases
+  and LayerNorm's β stay float in the IR and export as int32 at ``s_x·s_w`` (Jacob et al.
+  2018, §2.4), an error ≤ s_x·s_w/2 the export oracle allows.
+Requires: ``graph.meta["calibration"]`` holding stats for ``activation_values(graph)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from qcompile.config import QuantConfig
+from qcompile.errors import ConfigError
+from qcompile.ir.graph import Graph, Value
+from qcompile.ir.quant import Granularity, QuantSpec
+from qcompile.passes.manager import register_pass
+
+__all__ = ["quantize_all_activations", "activation_values", "SAME_GRID"]
+
+#: ops whose float output holds only values of their (first) float input: same parameters
+SAME_GRID = frozenset({"reshape", "permute", "expand", "slice", "select", "take", "gather",
+                       "index", "tile", "identity", "max_pool2d", "embedding", "relu"})
+#: (op, input index) pairs whose constant is a weight or bias quantized elsewhere
+_WEIGHT_SLOTS = {("linear", 1), ("linear", 2), ("conv", 1), ("conv", 2), ("layer_norm", 2),
+                 ("batch_norm", 1), ("batch_norm", 2), ("batch_norm", 3), ("batch_norm", 4)}
+
+
+def _is_float(v: Value | None) -> bool:
+    return v is not None and v.dtype in ("float32", "float16", "bfloat16", "float64")
+
+
+def _grid_source(n) -> Value | None:
+    if n.op == "embedding":
+        return n.inputs[0]
+    if n.op == "relu":
+        return None  # relu clips at 0: its own (calibrated, min 0) range is the finer grid
+    return next((v for v in n.inputs if _is_float(v)), None)
+
+
+def activation_values(graph: Graph) -> list[Value]:
+    """The float values that get their own calibrated scale: graph inputs and the outputs of
+    ops that compute (not those of data-movement ops), not yet quantized."""
+    out = [v for v in graph.inputs if _is_float(v) and v.quant is None]
+    for n in graph.nodes:
+        if n.op in SAME_GRID and n.op != "relu":
+            continue
+        out += [o for o in n.outputs if _is_float(o) and o.quant is None]
+    return out
+
+
+def _static_spec(graph: Graph, fmt, name: str, lo: float, hi: float) -> QuantSpec:
+    opts = tuple(sorted((k, v) for k, v in fmt.options().items()
+                        if k not in ("granularity", "group_size")))
+    qt = fmt.quantize(torch.tensor([lo, hi], dtype=torch.float32))
+    params = {r: graph.add_constant(f"{name}.act_{r}", t).name for r, t in qt.params.items()}
+    return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
+
+
+@register_pass("quantize_all_activations")
+def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
+                             norm_weights: str = "uint8", max_samples: int | None = None,
+                             progress: bool = True) -> Graph:
+    """With ``data``, calibrates every float value first (min/max of the float model);
+    otherwise reads ``graph.meta["calibration"]``."""
+    config = QuantConfig.coerce(config)
+    if config.activations is None or config.activation_granularity != "per_tensor":
+        raise ConfigError("quantizing every activation needs static per-tensor activations",
+                          hint="set activations='uint16' (or 'uint8') and "
+                               "activation_granularity='per_tensor'")
+    from qcompile.formats import get
+    fmt = get(config.activations, granularity="per_tensor")
+    if data is not None:
+        from qcompile.passes.calibrate import collect_statistics
+        names = [v.name for v in graph.inputs if _is_float(v)] + \
+            [o.name for n in graph.nodes for o in n.outputs if _is_float(o)]
+        graph.meta["calibration"] = collect_statistics(graph, data, values=names,
+                                                       max_samples=max_samples,
+                                                       progress=progress)
+    cal = graph.meta.get("calibration")
+    for v in activation_values(graph):
+        if cal is None or v.name not in cal:
+            raise ConfigError(f"static quantization of %{v.name} needs calibration statistics",
+                              hint="pass calibration= to compile()")
+        st = cal[v.name]
+        v.quant = _static_spec(graph, fmt, v.name, st.min, st.max)
+    nfmt = get(norm_weights, granularity="per_tensor")
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if not (_is_float(v) and graph.is_constant(v)) or v.quant is not None:
+                continue
+            if (n.op, i) in _WEIGHT_SLOTS:
+                continue
+            t = graph.constants[v.name].float()
+            lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+            f = nfmt if (n.op, i) in (("layer_norm", 1), ("rms_norm", 1)) else fmt
+            v.quant = _static_spec(graph, f, v.name, lo, hi)
+        if n.op in SAME_GRID:
+            src = _grid_source(n)
+            for o in n.outputs:
+                if _is_float(o) and o.quant is None:
+                    if src is not None and src.quant is not None and not src.quant.dynamic \
+                            and src.quant.granularity == Granularity.PER_TENSOR:
+                        o.quant = src.quant
+                    elif cal is not None and o.name in cal:
+                        st = cal[o.name]
+                        o.quant = _static_spec(graph, fmt, o.name, st.min, st.max)
+    return graph
