@@ -69,6 +69,28 @@ def _static_spec(graph: Graph, fmt, name: str, lo: float, hi: float) -> QuantSpe
     return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
 
 
+def _split_block_biases(graph: Graph) -> None:
+    """linear(x, W, b) with block-quantized W → add(linear(x, W), b): NPU runtimes take block
+    weights in MatMul, which has no bias, so the sum before the bias is a tensor of its own
+    and needs its own calibrated scale. An all-zero bias is dropped (npu.md §1: the HTP
+    miscompiles Add(x, 0))."""
+    for n in list(graph.nodes):
+        if n.op != "linear" or n.inputs[2] is None or n.inputs[1].quant is None or \
+                n.inputs[1].quant.granularity != Granularity.PER_GROUP:
+            continue
+        b = n.inputs[2]
+        n.inputs = [n.inputs[0], n.inputs[1], None]
+        if graph.is_constant(b) and not graph.constants[b.name].any():
+            continue
+        out = n.outputs[0]
+        users = [u for u in graph.nodes if any(v is out for v in u.inputs)]
+        i = graph.nodes.index(n)
+        nxt = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
+        add = graph.add_node("add", [out, b], {}, name=f"{n.name}.bias",
+                             provenance=n.provenance, before=nxt)
+        graph.replace_uses(out, add.outputs[0], nodes=users)
+
+
 @register_pass("quantize_all_activations")
 def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
                              norm_weights: str = "uint8", max_samples: int | None = None,
@@ -82,6 +104,7 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
                                "activation_granularity='per_tensor'")
     from qcompile.formats import get
     fmt = get(config.activations, granularity="per_tensor")
+    _split_block_biases(graph)
     if data is not None:
         from qcompile.passes.calibrate import collect_statistics
         names = [v.name for v in graph.inputs if _is_float(v)] + \

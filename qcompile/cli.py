@@ -101,6 +101,11 @@ def cmd_build(a) -> int:
     from qcompile.runtime import check_destination
     check_destination(a.output, overwrite=a.force)  # refuse before the (slow) compile
     model, inputs, dyn = _load_model(a.model)
+    from qcompile.backends import get_backend
+    if dyn is not None and getattr(get_backend(a.target), "full_qdq", False):
+        print(f"note: target {a.target} compiles for the example inputs' static shapes "
+              "(NPU runtimes need static shapes)")
+        dyn = None
     t0 = time.perf_counter()
     names = list(inputs) if isinstance(inputs, dict) else None
     cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn,
@@ -247,6 +252,16 @@ def _targets(tvm_error: str | None, sparse) -> dict[str, str]:
                       str(sparse).startswith("unknown") else
                       f"runs here (pruned linears use the dense cpu kernels; sparse kernels: "
                       f"{sparse or 'none on this CPU'})")
+        elif t == "onnx":
+            status = "runs here (ONNX Runtime, CPU EP)" if _package_version("onnxruntime") \
+                else "unavailable (pip install 'qcompile[onnx]')"
+        elif t.startswith("npu"):
+            from qcompile.backends.onnx import qnn
+            res = _guarded(qnn.available) if _package_version("onnxruntime") else \
+                (False, "needs onnxruntime")
+            ok, why = res if isinstance(res, tuple) else (False, res)
+            status = ("runs here (QNN HTP in its x86 simulator: its times are not NPU latency)"
+                      if ok is True else f"unavailable ({why})")
         else:
             status = "registered"
         out[t] = status

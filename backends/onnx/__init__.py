@@ -38,6 +38,10 @@ def ort_session(model_bytes: bytes, *, threads: int | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # ORT fuses a block-quantized DQ → MatMul into MatMulNBits at accuracy level 4 by default,
+    # which quantizes the activations to int8 on the fly; level 0 keeps them fp32, so the
+    # session computes what the file (and the interpreter) says
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
     try:

@@ -418,7 +418,8 @@ class _Exporter:
             if fn is None:
                 raise BackendError(f"op '{node.op}' has no ONNX export", node=node,
                                    hint="place this node on target 'cpu'")
-            outs = fn(self, node, [self.value(v) for v in node.inputs])
+            outs = fn(self, node, [None if (node.op, i) in _LAZY else self.value(v)
+                                   for i, v in enumerate(node.inputs)])
             outs = outs if isinstance(outs, list) else [outs]
             for v, x in zip(node.outputs, outs):
                 self.bind(v, x)
@@ -443,6 +444,8 @@ class _Exporter:
 
 # -- op emitters -----------------------------------------------------------------------------
 _OPS = {}
+#: (op, input index) an emitter materialises itself (a weight it may write in another form)
+_LAZY = {("linear", 1)}
 
 
 def _reg(*names):
@@ -568,6 +571,14 @@ def _linear(e: _Exporter, n: Node, ins):
     if spec is not None and e.nbits == "matmulnbits" and _nbits_ok(spec, x):
         return _matmulnbits(e, n, ins)
     rank = len(x.shape)
+    if spec is not None and spec.granularity == Granularity.PER_GROUP:
+        # blocks along K: MatMul with the [K, N] weight (the QNN HTP takes block-quantized
+        # weights in MatMul, not in Gemm); a bias is its own Add (quantize_all_activations
+        # splits it off for the NPU, so the sum gets a calibrated scale)
+        wt = e.dequantized(w, e.g.constants[w.name], spec, transpose=True)
+        y = e.emit("MatMul", [ins[0], wt])
+        return e.emit("Add", [y, ins[2]]) if b is not None else y
+    ins = [ins[0], e.value(w)] + list(ins[2:])
     bias = ins[2] if b is not None else ""
     if b is not None and e.bias_int32 and spec is not None and x.quant is not None \
             and not x.quant.dynamic and x.quant.granularity == Granularity.PER_TENSOR \
