@@ -119,11 +119,21 @@ class NpuExecutable(OnnxExecutable):
         return out
 
 
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _causes(refused) -> list:
+    """The refusals that are causes: a Q/DQ node is refused with the op whose node unit it
+    belongs to, so it is listed only when no compute node was refused."""
+    ops = [r for r in refused if r.op_type not in _QDQ_OPS]
+    return ops or list(refused)
+
+
 def refusal_error(report, origin: dict[str, str], graph: Graph, target: str) -> BackendError:
     """A ``BackendError`` naming each refused ONNX node by its IR node, op and provenance."""
     nodes = {n.name: n for n in graph.nodes}
     lines, seen = [], set()
-    for r in report.refused:
+    for r in _causes(report.refused):
         ir = origin.get(r.node) or ""
         key = (ir or r.node, r.reason)
         if key in seen:
@@ -163,6 +173,23 @@ class NpuBackend(OnnxBackend):
     def supports(self, node) -> bool:
         from .export import _OPS
         return node.op in _OPS and node.op not in ("where", "erf")
+
+    def capability(self, graph: Graph, target: str = "npu") -> dict[str, list[str]]:
+        """The IR nodes the HTP refuses (or is known to run wrong) in ``graph`` (quantized for
+        ``target``), each with QNN's reasons: what placement keeps off the NPU. Exports the
+        graph and probes a no-fallback session (seconds); empty when the whole graph runs."""
+        qnn = _qnn()
+        ex = export(graph, target=target, static=True, weight_only_int4="qdq")
+        report = qnn.capability(ex.model.SerializeToString(), htp_arch=arch_of(target))
+        out: dict[str, list[str]] = {}
+        for r in _causes(report.refused):
+            ir = ex.origin.get(r.node) or r.node
+            out.setdefault(ir, [])
+            if r.reason not in out[ir]:
+                out[ir].append(r.reason)
+        if not report.session_ok and not out:
+            out[""] = [report.session_error or "the QNN session could not be created"]
+        return out
 
     def lower(self, graph: Graph, target: str):
         qnn = _qnn()

@@ -204,3 +204,30 @@ def test_minilm_on_the_htp():
         cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1).mean()
         assert cos >= 0.999
         assert _rel(out, cpu) <= 0.06
+
+
+def test_capability_maps_refusals_to_ir_nodes():
+    """What placement will read: refused IR nodes with QNN's reasons; nothing for a graph the
+    HTP runs whole."""
+    from qcompile.backends import get_backend
+    from qcompile.passes.pipeline import quantize_graph
+    backend = get_backend("npu")
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.erf(self.a(x))
+
+    x = torch.randn(4, 16)
+    g = qcompile.capture(M().eval(), (x,))
+    g, _ = quantize_graph(g, backend.default_config(), _cal((4, 16)), target="npu",
+                          progress=False)
+    refused = backend.capability(g)
+    assert list(refused) == ["erf"] and any("Erf" in r for r in refused["erf"])
+    m, inputs, _ = zoo.mlp(batch=8)
+    g, _ = quantize_graph(qcompile.capture(m, inputs), backend.default_config(), _cal((8, 64)),
+                          target="npu", progress=False)
+    assert backend.capability(g) == {}
