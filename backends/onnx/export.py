@@ -456,6 +456,11 @@ def _reg(*names):
     return deco
 
 
+def _opt(ins, i: int) -> str | None:
+    """Optional input ``i`` (a node may list fewer inputs than its schema)."""
+    return ins[i] if i < len(ins) and ins[i] else None
+
+
 def _cast_to(e: _Exporter, x: str, v: Value, dtype: str) -> str:
     return x if v.dtype == dtype else e.emit("Cast", [x], to=_elem(dtype))
 
@@ -682,8 +687,8 @@ def _conv(e, n, ins):
 def _bn(e, n, ins):
     x, wv, bv, mean, var = n.inputs
     c = x.shape[1]
-    w = ins[1] or e.f32(np.ones(c, np.float32), "bn_scale")
-    b = ins[2] or e.f32(np.zeros(c, np.float32), "bn_bias")
+    w = _opt(ins, 1) or e.f32(np.ones(c, np.float32), "bn_scale")
+    b = _opt(ins, 2) or e.f32(np.zeros(c, np.float32), "bn_bias")
     return e.emit("BatchNormalization", [ins[0], w, b, ins[3], ins[4]],
                   epsilon=float(n.attrs["eps"]))
 
@@ -693,8 +698,8 @@ def _ln(e, n, ins):
     x = n.inputs[0]
     nd = int(n.attrs["normalized_ndim"])
     shape = [int(d) for d in x.shape[len(x.shape) - nd:]]
-    w = ins[1] or e.f32(np.ones(shape, np.float32), "ln_scale")
-    args = [ins[0], w] + ([ins[2]] if ins[2] else [])
+    w = _opt(ins, 1) or e.f32(np.ones(shape, np.float32), "ln_scale")
+    args = [ins[0], w] + ([ins[2]] if _opt(ins, 2) else [])
     return e.emit("LayerNormalization", args, axis=-nd, epsilon=float(n.attrs["eps"]))
 
 
@@ -710,7 +715,7 @@ def _rms(e, n, ins):
     y = e.emit("Mul", [xf, r])
     if x.dtype != "float32":
         y = e.emit("Cast", [y], to=_elem(x.dtype))
-    return e.emit("Mul", [y, ins[1]]) if ins[1] else y
+    return e.emit("Mul", [y, ins[1]]) if _opt(ins, 1) else y
 
 
 def _pool_attrs(n):

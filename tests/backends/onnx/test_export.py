@@ -210,3 +210,21 @@ def test_openvino_loads_the_same_file(models, name, cfg, tmp_path):
     got = _openvino(cm._exec.model_bytes, cm._exec.feeds(args), tmp_path)
     ref = cm.run(*args)[0]
     assert _rel(got, ref) <= (1e-5 if cfg is None or cfg.activations is None else 1e-2)
+
+
+def test_online_hadamard_exports_as_constant_matmul(models):
+    """QuaRot's online rotations (``hadamard`` nodes, before down_proj and in attention)
+    export as constant MatMuls; the one-step bound holds through them."""
+    m, inputs, cal = models["llama"]
+    cfg = QuantConfig(weights="int8", group_size=None, activations="int8",
+                      activation_granularity="per_tensor", rotation="hadamard")
+    cm = qcompile.compile(m, "reference", example_inputs=inputs, config=cfg, calibration=cal)
+    assert "hadamard" in cm.graph.op_histogram()
+    diffs, theirs, ours = forced_compare(cm.graph, _args(inputs))
+    assert max(d for d, _ in diffs.values()) <= 1
+    assert _rel(theirs[0], ours[0]) <= 1e-3
+    from qcompile.backends.onnx.export import export
+    ex = export(cm.graph)
+    had = {n.name for n in cm.graph.nodes if n.op == "hadamard"}
+    assert had == {ex.origin[n.name] for n in ex.model.graph.node
+                   if n.op_type == "MatMul" and ex.origin[n.name] in had}
