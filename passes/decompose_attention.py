@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from qcompile.errors import PassError
+from qcompile.errors import ConfigError, PassError
 from qcompile.ir.graph import Graph, Node
 from qcompile.passes.manager import register_pass
 
@@ -31,7 +31,8 @@ __all__ = ["decompose_attention"]
 
 
 def _decompose(g: Graph, n: Node, mask_value: float) -> None:
-    q, k, v, mask = n.inputs
+    q, k, v = n.inputs[:3]
+    mask = n.inputs[3] if len(n.inputs) > 3 else None  # the mask is optional
     prov = n.provenance
     base = n.name
 
@@ -77,7 +78,8 @@ def _decompose(g: Graph, n: Node, mask_value: float) -> None:
         if not (isinstance(lq, int) and isinstance(lk, int)):
             raise PassError(f"attention {n.name}: a causal mask needs static lengths", node=n,
                             hint="compile with static shapes")
-        tri = torch.triu(torch.full((lq, lk), float(mask_value)), diagonal=1 + lk - lq)
+        # top-left aligned, as SDPA's is_causal (the op's semantics): key j is masked for j > i
+        tri = torch.triu(torch.full((lq, lk), float(mask_value)), diagonal=1)
         s = add("add", s, g.add_constant(f"{base}.causal", tri))
     p = add("softmax", s, axis=-1)
     out = add("matmul", p, v)
@@ -88,7 +90,8 @@ def _decompose(g: Graph, n: Node, mask_value: float) -> None:
 @register_pass("decompose_attention")
 def decompose_attention(graph: Graph, *, mask_value: float = -50.0) -> Graph:
     if not mask_value < 0 or not math.isfinite(mask_value):
-        raise PassError(f"mask_value must be a finite negative number, got {mask_value}")
+        raise ConfigError(f"decompose_attention: mask_value must be a finite negative number, "
+                          f"got {mask_value}")
     for n in [n for n in graph.nodes if n.op == "attention"]:
         _decompose(graph, n, mask_value)
     return graph

@@ -75,7 +75,8 @@ def _split_block_biases(graph: Graph) -> None:
     and needs its own calibrated scale. An all-zero bias is dropped (npu.md §1: the HTP
     miscompiles Add(x, 0))."""
     for n in list(graph.nodes):
-        if n.op != "linear" or n.inputs[2] is None or n.inputs[1].quant is None or \
+        if n.op != "linear" or len(n.inputs) < 3 or n.inputs[2] is None or \
+                n.inputs[1].quant is None or \
                 n.inputs[1].quant.granularity != Granularity.PER_GROUP:
             continue
         b = n.inputs[2]

@@ -1024,7 +1024,8 @@ def _attention(e, n, ins):
     """softmax(q·kᵀ·scale + mask)·v (Vaswani et al. 2017, eq. 1) in MatMul/Softmax form. A
     boolean mask becomes the additive (cast(mask) − 1)·1e4: arithmetic, not ``Where``,
     and finite; causal masks are a constant additive matrix; grouped KV heads are repeated."""
-    q, k, v, mask = n.inputs
+    q, k, v = n.inputs[:3]
+    mask = n.inputs[3] if len(n.inputs) > 3 else None
     d = int(q.shape[-1])
     scale = n.attrs.get("scale")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -1048,7 +1049,8 @@ def _attention(e, n, ins):
         if not (isinstance(lq, int) and isinstance(lk, int)):
             raise BackendError("a causal attention with symbolic lengths has no static ONNX "
                                "mask yet", node=n, hint="export with static shapes")
-        tri = np.triu(np.full((lq, lk), MASK_FILL, np.float32), k=1 + lk - lq)
+        # SDPA's is_causal: query i sees keys j <= i (top-left aligned, also when Lq != Lk)
+        tri = np.triu(np.full((lq, lk), MASK_FILL, np.float32), k=1)
         s = e.emit("Add", [s, e.const(tri, "causal_mask")])
     p = e.emit("Softmax", [s], axis=-1)
     return e.emit("MatMul", [p, vx])

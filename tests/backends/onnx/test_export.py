@@ -228,3 +228,18 @@ def test_online_hadamard_exports_as_constant_matmul(models):
     had = {n.name for n in cm.graph.nodes if n.op == "hadamard"}
     assert had == {ex.origin[n.name] for n in ex.model.graph.node
                    if n.op_type == "MatMul" and ex.origin[n.name] in had}
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(5, 5, True), (3, 5, True), (4, 4, False)])
+def test_attention_export(lq, lk, causal):
+    """attention as MatMul/Softmax: causal is SDPA's top-left-aligned mask, also for
+    Lq != Lk; no mask input at all works too."""
+
+    class A(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    q, k, v = torch.randn(1, 2, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
+    cm = qcompile.compile(A().eval(), "onnx", example_inputs=(q, k, v))
+    assert "attention" in cm.graph.op_histogram()
+    assert _rel(cm(q, k, v), A()(q, k, v)) <= 1e-5
