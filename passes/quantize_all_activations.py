@@ -12,6 +12,9 @@ asymmetric range with zero exactly representable); constants use their own min/m
   concat of one grid …) give their output the *same* parameters as their input: the values
   stay on the input's grid, so the fake quantization is the identity there and the NPU
   needs no requantization.
+- 16-bit Sigmoid and Tanh outputs get fixed encodings covering their whole range (sigmoid:
+  s = 2⁻¹⁶, z = 0; tanh: s = 2⁻¹⁵, z = 2¹⁵ for uint16), the values ONNX Runtime's QNN
+  configuration uses, so the HTP's table-driven 16-bit kernels apply.
 - LayerNorm γ gets ``norm_weights`` (uint8 asymmetric per tensor: the QNN HTP rejects a
   signed γ, npu.md §2); linear/conv weights are left to ``quantize_weights``; their biases
   and LayerNorm's β stay float in the IR and export as int32 at ``s_x·s_w`` (Jacob et al.
@@ -59,6 +62,23 @@ def activation_values(graph: Graph) -> list[Value]:
             continue
         out += [o for o in n.outputs if _is_float(o) and o.quant is None]
     return out
+
+
+#: fixed 16-bit output encodings (scale, zero point) of functions with a known range, as
+#: ONNX Runtime's QNN configuration sets them (``get_qnn_qdq_config``): sigmoid ∈ (0, 1),
+#: tanh ∈ (−1, 1) — the whole code range, whatever calibration saw
+_FIXED16 = {("sigmoid", "uint16"): (1 / 65536, 0), ("tanh", "uint16"): (1 / 32768, 32768),
+            ("sigmoid", "int16"): (1 / 32768, 0), ("tanh", "int16"): (1 / 32768, 0)}
+
+
+def _fixed_spec(graph: Graph, fmt, name: str, scale: float, zero: int) -> QuantSpec:
+    opts = tuple(sorted((k, v) for k, v in fmt.options().items()
+                        if k not in ("granularity", "group_size")))
+    params = {"scale": graph.add_constant(f"{name}.act_scale", torch.tensor(scale)).name}
+    if "zero_point" in fmt.roles:
+        params["zero_point"] = graph.add_constant(
+            f"{name}.act_zero_point", torch.tensor(zero, dtype=fmt.code_dtype)).name
+    return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
 
 
 def _static_spec(graph: Graph, fmt, name: str, lo: float, hi: float) -> QuantSpec:
@@ -115,6 +135,10 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
                                                        progress=progress)
     cal = graph.meta.get("calibration")
     for v in activation_values(graph):
+        fixed = _FIXED16.get((v.producer.op, fmt.name)) if v.producer is not None else None
+        if fixed is not None:
+            v.quant = _fixed_spec(graph, fmt, v.name, *fixed)
+            continue
         if cal is None or v.name not in cal:
             raise ConfigError(f"static quantization of %{v.name} needs calibration statistics",
                               hint="pass calibration= to compile()")

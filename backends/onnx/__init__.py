@@ -105,7 +105,8 @@ class OnnxBackend:
     """Target ``onnx``: the graph exported as QDQ ONNX, run by ONNX Runtime's CPU EP."""
 
     name = "onnx"
-    targets = ("onnx",)
+    #: ``onnx:qdq`` writes weight-only int4 as DequantizeLinear + MatMul instead of MatMulNBits
+    targets = ("onnx", "onnx:qdq")
     versioned = ("onnx", "onnxruntime")
     tunable = ()
 
@@ -116,8 +117,10 @@ class OnnxBackend:
     def cost(self, node, device, env=None) -> float:
         raise NotImplementedError("target 'onnx' has no cost model yet")
 
-    def lower(self, graph: Graph, target: str, *, weight_only_int4: str = "matmulnbits"):
+    def lower(self, graph: Graph, target: str, *, weight_only_int4: str | None = None):
         _require_ort()
+        if weight_only_int4 is None:
+            weight_only_int4 = "qdq" if target == "onnx:qdq" else "matmulnbits"
         ex = export(graph, target=target, weight_only_int4=weight_only_int4)
         data = ex.model.SerializeToString()
         return OnnxExecutable(graph, target, data, ex.origin)

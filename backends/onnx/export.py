@@ -476,8 +476,8 @@ _BITWISE = {"bitwise_and": ("BitwiseAnd", "And"), "bitwise_or": ("BitwiseOr", "O
 def _binary(e: _Exporter, n: Node, ins):
     a, b = n.inputs
     if n.op in ("eq", "ne", "lt", "le", "gt", "ge"):
-        from qcompile.ir.types import TensorType
         from qcompile.ir.ops._infer import promote
+        from qcompile.ir.types import TensorType
         common = promote(TensorType(a.shape, a.dtype), TensorType(b.shape, b.dtype))
     elif n.op.startswith("logical_"):
         common = "bool"

@@ -280,3 +280,35 @@ def test_npu_pipeline_quantizes_everything_cpu_does_not(small):
     assert all(v.quant is not None and not v.quant.dynamic for v in _float_values(h))
     x = _data(1, seed=7)[0]
     assert _cos(run_graph(h, *x)[0], run_graph(small, *x)[0]) > 0.999
+
+
+@pytest.mark.parametrize("fmt,sig,tanh", [("uint16", (1 / 65536, 0), (1 / 32768, 32768)),
+                                          ("int16", (1 / 32768, None), (1 / 32768, None))])
+def test_sigmoid_and_tanh_get_fixed_16bit_scales(fmt, sig, tanh):
+    """16-bit Sigmoid/Tanh outputs take the fixed encodings of ORT's QNN configuration
+    (their whole range), not a calibrated one; 8-bit ones stay calibrated."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.sigmoid(self.fc(x)) + torch.tanh(x)
+
+    x = torch.randn(4, 8)
+    g = qcompile.capture(M().eval(), (x,))
+    cfg = QuantConfig(weights="int8", group_size=None, activations=fmt,
+                      activation_granularity="per_tensor")
+    g = _all(_weights(g, cfg), cfg, [(torch.randn(4, 8),) for _ in range(2)])
+    for op, (scale, zero) in (("sigmoid", sig), ("tanh", tanh)):
+        spec = _node(g, op).outputs[0].quant
+        assert float(g.constants[spec.scale]) == pytest.approx(scale, rel=1e-7)
+        assert (spec.zero_point is None) == (zero is None)
+        if zero is not None:
+            assert int(g.constants[spec.zero_point]) == zero
+    g8 = _all(_weights(qcompile.capture(M().eval(), (x,)), cfg),
+              QuantConfig(weights="int8", group_size=None, activations="uint8",
+                          activation_granularity="per_tensor"), [(torch.randn(4, 8),)])
+    spec = _node(g8, "sigmoid").outputs[0].quant
+    assert float(g8.constants[spec.scale]) != pytest.approx(1 / 256)

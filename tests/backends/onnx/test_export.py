@@ -85,7 +85,7 @@ def test_weight_only_int4(models, name, cfg, form):
     m, inputs, cal = models[name]
     cm = qcompile.compile(m, "reference", example_inputs=inputs, config=cfg, calibration=cal)
     from qcompile.backends.onnx import OnnxBackend
-    exe = OnnxBackend().lower(cm.graph, "onnx", weight_only_int4=form)
+    exe = OnnxBackend().lower(cm.graph, "onnx" if form == "matmulnbits" else "onnx:qdq")
     ops = {n.op_type for n in exe.model.graph.node}
     assert ("MatMulNBits" in ops) == (form == "matmulnbits")
     args = _args(inputs)
@@ -200,9 +200,10 @@ def test_openvino_loads_the_same_file(models, name, cfg, tmp_path):
     and weight-only int4 (MatMulNBits) agree with ONNX Runtime to float error (1e-5); with
     quantized activations some codes land one step apart (different summation orders, and
     OpenVINO's low-precision transformations move the dequantization), and free-running
-    through six layers those flips add up: ≤ 1e-2 of max |y| (MiniLM W8A16 measured 0.006). (W8A8 MiniLM is left out: its int8 activations are so coarse that
-    such flips grow through the layers — 0.3 of max |y| even between ONNX Runtime and the
-    interpreter — whichever runtime runs it.)"""
+    through six layers those flips add up: ≤ 1e-2 of max |y| (MiniLM W8A16 measured 0.006).
+    W8A8 MiniLM is left out: its int8 activations are so coarse that such flips grow through
+    the layers (0.3 of max |y| even between ONNX Runtime and the interpreter), whichever
+    runtime runs it."""
     m, inputs, cal = models[name]
     cm = qcompile.compile(m, "onnx", example_inputs=inputs, config=cfg,
                           calibration=cal if cfg else None)
