@@ -1,6 +1,9 @@
 """End to end on the ``cpu`` target: all-MiniLM-L6-v2 (batch 8, seq 128) compiled by qcompile in
 fp32, W8A8 (SmoothQuant, per-token int8 activations) and W4A16 (int4, group 128), beside torch
-fp32, ONNX Runtime fp32 and ONNX Runtime dynamic int8, in one run.
+fp32, ONNX Runtime fp32 and ONNX Runtime dynamic int8, in one run. Also target ``onnx`` (the
+QDQ file qcompile exports, run by ONNX Runtime's CPU EP) in fp32 and W8A8 (SmoothQuant, static
+per-tensor int8 activations), beside ONNX Runtime's own ``quantize_static`` QDQ model of the
+same export (every op, and linears only; see ``quality.ort_quantize_static``).
 
 For each: median latency over ``--repeats`` runs after a warm-up (all runs interleaved round by
 round, so a noisy neighbour hits everyone alike, each after ``--gap`` seconds of idle so the
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 from _common import ROOT, machine, provenance, table
+from quality import W8A8_STATIC, ort_quantize_static
 from tqdm import tqdm
 
 import qcompile
@@ -37,6 +41,10 @@ CONFIGS = {
                                      smoothquant=0.5),
     "qcompile cpu W4A16-g128": QuantConfig(weights="int4", group_size=128),
 }
+ONNX_CONFIGS = {  # target onnx: static shapes (its MiniLM export has no symbolic batch)
+    "qcompile onnx fp32": None,
+    "qcompile onnx W8A8": QuantConfig(**W8A8_STATIC, smoothquant=0.5),
+}
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -44,8 +52,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a[m], b[m], dim=-1).mean())
 
 
-def _ort_sessions(model, inputs, tmp: Path) -> dict:
-    """ONNX Runtime fp32 and ``quantize_dynamic`` int8 sessions of the exported model."""
+def _ort_sessions(model, inputs, tmp: Path, cal) -> dict:
+    """ONNX Runtime fp32, ``quantize_dynamic`` int8 and ``quantize_static`` W8A8 QDQ sessions of
+    the exported model (static QDQ: calibrated on ``cal``, the same sentences as qcompile's)."""
     import logging
     import warnings
 
@@ -62,15 +71,19 @@ def _ort_sessions(model, inputs, tmp: Path) -> dict:
     fp32, int8 = tmp / "minilm.onnx", tmp / "minilm.int8.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Hidden(model), tuple(inputs.values()), str(fp32), dynamo=False,
+        torch.onnx.export(Hidden(model).eval(), tuple(inputs.values()), str(fp32), dynamo=False,
                           opset_version=17, input_names=list(inputs))
         logging.getLogger().setLevel(logging.ERROR)
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        qdq = ort_quantize_static(fp32, tmp / "minilm.qdq.onnx", cal)
+        qdq_lin = ort_quantize_static(fp32, tmp / "minilm.qdq-linear.onnx", cal, linear_only=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     feeds = {k: v.numpy() for k, v in inputs.items()}
     out = {}
-    for label, path in (("ONNX Runtime fp32", fp32), ("ONNX Runtime dynamic int8", int8)):
+    for label, path in (("ONNX Runtime fp32", fp32), ("ONNX Runtime dynamic int8", int8),
+                        ("ONNX Runtime quantize_static W8A8", qdq),
+                        ("ONNX Runtime quantize_static W8A8, linears only", qdq_lin)):
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         out[label] = lambda s=s: torch.from_numpy(s.run(None, feeds)[0])
     return out
@@ -110,7 +123,20 @@ def main(argv=None) -> None:
                            "kernels": getattr(cm._exec, "report", {}),
                            "profile_ms": {k: v * 1e3 for k, v in list(
                                cm._exec.profile(*inputs.values()).items())[:12]}}
-        runs.update(_ort_sessions(model, inputs, Path(d)))
+        from qcompile.backends.onnx import ort_session
+        cal_b = zoo.minilm_batches(CALIBRATION, batch=a.batch, seq=a.seq)  # static batch
+        for label, cfg in tqdm(ONNX_CONFIGS.items(), desc="compile onnx", unit="config"):
+            t = time.perf_counter()
+            cm = qcompile.compile(model, "onnx", example_inputs=inputs, config=cfg,
+                                  calibration=cal_b if cfg else None)
+            cm.save(Path(d) / label.replace(" ", "_"))
+            compile_s = time.perf_counter() - t
+            # the same session options as the ONNX Runtime rows: threads as torch's
+            cm._exec._session = ort_session(cm._exec.model_bytes, threads=torch.get_num_threads())
+            runs[label] = lambda cm=cm: cm.run(**inputs)[0]
+            rows[label] = {"label": label, "compile_s": compile_s, "timings": cm.timings,
+                           "onnx_nodes": len(cm._exec.model.graph.node)}
+        runs.update(_ort_sessions(model, inputs, Path(d), cal_b))
     model.eval()  # the TorchScript exporter leaves the module in training mode
     runs["torch fp32"] = lambda: model(**inputs).last_hidden_state
     samples = {k: [] for k in runs}

@@ -797,16 +797,15 @@ def _index(e, n, ins):
     rank = len(x.shape)
     others = [a for a in range(rank) if a not in axes]
     sizes = [x.shape[a] for a in axes]
-    if not all(isinstance(d, int) for d in sizes):
-        raise BackendError("advanced indexing over symbolic sizes has no ONNX export", node=n,
-                           hint="export with static shapes")
     xt = ins[0] if axes + others == list(range(rank)) else \
         e.emit("Transpose", [ins[0]], perm=axes + others)
-    xt = e.emit("Reshape", [xt, e.dims([int(np.prod(sizes))] + [x.shape[a] for a in others])])
+    xt = e.emit("Reshape", [xt, e.dims([-1] + [x.shape[a] for a in others])])
     from qcompile.ir.ops._infer import broadcast_shapes
+    from qcompile.ir.types import dim_mul
     b = list(broadcast_shapes(*[i.shape for i in idx]))
-    strides = [int(np.prod(sizes[k + 1:])) for k in range(len(sizes))]
-    if all(v.name in e.g.constants for v in idx) and all(isinstance(d, int) for d in b):
+    strides = [dim_mul(1, *sizes[k + 1:]) for k in range(len(sizes))]
+    static = all(isinstance(d, int) for d in sizes + strides + b)
+    if static and all(v.name in e.g.constants for v in idx):
         flat = np.zeros(b, np.int64)
         for v, size, st in zip(idx, sizes, strides):
             i = e.g.constants[v.name].to(torch.int64).numpy()
@@ -814,8 +813,12 @@ def _index(e, n, ins):
         fi = e.const(flat, f"{n.name}.flat_index")
     else:
         fi = None
-        for v, t, st in zip(idx, ins[1:], strides):
-            term = e.emit("Mul", [_idx(e, v, t), e.i64(st)]) if st != 1 else _idx(e, v, t)
+        for v, t, size, st in zip(idx, ins[1:], sizes, strides):
+            i = _idx(e, v, t)
+            if not (v.name in e.g.constants and (e.g.constants[v.name] >= 0).all()):
+                i = e.emit("Where", [e.emit("Less", [i, e.i64(0)]),
+                                     e.emit("Add", [i, e.scalar_dim(size)]), i])
+            term = i if st == 1 else e.emit("Mul", [i, e.scalar_dim(st)])
             fi = term if fi is None else e.emit("Add", [fi, term])
         fi = e.emit("Expand", [fi, e.dims(b)])
     y = e.emit("Gather", [xt, fi], axis=0)
