@@ -3,6 +3,7 @@ from qcompile.passes import calibrate as _calibrate  # noqa: F401
 from qcompile.passes import canonicalize as _canonicalize  # noqa: F401  (registers passes)
 from qcompile.passes import canonicalize_npu as _canonicalize_npu  # noqa: F401
 from qcompile.passes import decompose_attention as _decompose_attention  # noqa: F401
+from qcompile.passes import decompose_fused as _decompose_fused  # noqa: F401
 from qcompile.passes import fold_constants as _fold  # noqa: F401
 from qcompile.passes import fold_norms as _fold_norms  # noqa: F401
 from qcompile.passes import mixed_precision as _mixed_precision  # noqa: F401

@@ -75,7 +75,7 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labe
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}
     if _full_qdq(target):  # NPU runtimes: integer node units everywhere, masks as arithmetic
-        names = ["canonicalize_npu", "decompose_attention"] + names[:-1] + \
+        names = ["canonicalize_npu", "decompose_attention", "decompose_fused"] + names[:-1] + \
             ["quantize_all_activations"]
         opts["quantize_all_activations"] = {"config": cfg, "data": data, "progress": progress,
                                             "max_samples": cfg.calibration_size}

@@ -395,6 +395,9 @@ def deny_list(model: Model, htp_arch: int | None = DEFAULT_HTP_ARCH) -> list[Ref
         if op == "Where":
             deny(n, "Where (QNN ElementWiseSelect) fails at HTP graph finalize, with or without "
                     "fallback; rewrite a mask select as arithmetic (Mul/Sub) or keep it off the NPU")
+        elif op == "Reciprocal" and n.input and g.dq(n.input[0]) is not None:
+            deny(n, "a quantized Reciprocal runs but is WRONG on HTP (uint16: rel 0.98 vs the CPU "
+                    "EP, QNN 2.51, measured on RMSNorm's 1/sqrt); divide instead (Div(x, y))")
         elif op == "Erf":
             deny(n, "Erf is not supported by the QNN EP; fuse the Erf sequence into Gelu")
         elif op == "LayerNormalization" and len(n.input) > 1:

@@ -231,3 +231,41 @@ def test_capability_maps_refusals_to_ir_nodes():
     g, _ = quantize_graph(qcompile.capture(m, inputs), backend.default_config(), _cal((8, 64)),
                           target="npu", progress=False)
     assert backend.capability(g) == {}
+
+
+@pytest.mark.parametrize("name", ["cnn", "llama"])
+def test_cnn_and_llama_run_whole_on_the_htp(name):
+    """The digits CNN (conv, batch norm folded by ORT, pools) and a tiny Llama (RMSNorm, rotary,
+    SiLU and grouped-head attention decomposed so every intermediate has a scale; RMSNorm's
+    1/√ as a Div, since the HTP's 16-bit Reciprocal is wrong) run whole on the HTP and agree
+    with the CPU EP on the same file (measured 5e-5 and 0.006)."""
+    if name == "cnn":
+        m, x, _, _ = zoo.digits_cnn(epochs=1)
+        example, cal = (x[:8],), [(x[i:i + 8],) for i in range(8, 64, 8)]
+    else:
+        m, example, _ = zoo.tiny_llama(batch=1, seq=8, hidden=64, layers=2, heads=4, kv_heads=2)
+        cal = [(torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(i)),)
+               for i in range(2)]
+    cm = qcompile.compile(m, "npu", example_inputs=example, calibration=cal)
+    meta = cm._exec.meta
+    assert meta["nodes_on_htp"] == meta["onnx_nodes"] and meta["qnn_subgraphs"] == 1
+    out = cm(*example)
+    assert _rel(out, _cpu_ep(cm, *example)[0]) <= (0.01 if name == "cnn" else 0.02)
+    assert _rel(out, m(*example).detach()) <= 0.05
+
+
+def test_reciprocal_is_refused_by_the_deny_list():
+    """A 16-bit Reciprocal runs wrong on the HTP (0.98 relative to the CPU EP): refused."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.reciprocal(torch.sigmoid(self.a(x)) + 1.0)
+
+    with pytest.raises(BackendError) as e:
+        qcompile.compile(M().eval(), "npu", example_inputs=(torch.randn(4, 16),),
+                         calibration=_cal((4, 16)))
+    assert "IR node reciprocal" in str(e.value) and "WRONG on HTP" in str(e.value)
