@@ -3,7 +3,10 @@
     [fold_norms → (calibrate) → rotate] → [calibrate → smoothquant] → calibrate
         → [sparsify] → [mixed_precision] → quantize_weights → quantize_activations
 
-(steps a config does not need are left out). ``compile()`` runs it between capture and
+(steps a config does not need are left out). For a target whose backend runs every op on
+integers (``Backend.full_qdq``: ``npu``) the graph is first canonicalised and its fused ops
+decomposed (``canonicalize_npu → decompose_attention → decompose_fused``), and
+``quantize_all_activations`` replaces ``quantize_activations``. ``compile()`` runs it between capture and
 lowering; each pass is timed, verified (under tests or ``QCOMPILE_VERIFY=1``) and dumped
 (``QCOMPILE_DUMP``) by the ``PassManager``.
 """
