@@ -24,6 +24,14 @@ class Backend:
     versioned: tuple[str, ...] = ()
     #: targets whose ``lower`` takes ``tune_trials`` (a search measured on this machine)
     tunable: tuple[str, ...] = ()
+    #: the backend runs every op on integers (NPU runtimes): the pipeline canonicalises and
+    #: decomposes fused ops, then quantizes every activation (``quantize_all_activations``)
+    full_qdq: bool = False
+
+    def default_config(self):
+        """The ``QuantConfig`` used when ``compile()`` gets calibration data but no config
+        (None: a config is required)."""
+        return None
 
     def supports(self, node: Node) -> bool:
         """Whether this backend can run ``node``."""

@@ -55,7 +55,7 @@ def _measure(label, model, example, cal, runs: int) -> dict:
     loaded.run(*args)
     sim = _best(lambda: loaded.run(*args), runs)
     return {"model": label, "build_s": build, "passes_s": cm.timings.get("quantize_s"),
-            "context_compile_s": getattr(exe, "prepare_seconds", None),
+            "context_compile_s": exe.prepare_seconds,
             "nodes_on_htp": exe.meta["nodes_on_htp"], "onnx_nodes": exe.meta["onnx_nodes"],
             "qnn_subgraphs": exe.meta["qnn_subgraphs"],
             "session_from_qdq_s": prep_s, "session_from_context_s": ctx_best,

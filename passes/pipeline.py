@@ -90,9 +90,10 @@ def _full_qdq(target) -> bool:
     if not isinstance(target, str):
         return False
     from qcompile.backends import get_backend
+    from qcompile.errors import ConfigError as _Unknown
     try:
-        return bool(getattr(get_backend(target), "full_qdq", False))
-    except Exception:  # noqa: BLE001 - an unknown target is reported by compile()
+        return bool(getattr(get_backend(target), "full_qdq", False))  # plugins may predate it
+    except _Unknown:  # an unknown target is reported by compile()
         return False
 
 

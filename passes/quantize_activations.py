@@ -23,22 +23,35 @@ from qcompile.ir.graph import Graph, Node, Value
 from qcompile.ir.quant import Granularity, QuantSpec
 from qcompile.passes.manager import register_pass
 
-__all__ = ["quantize_activations"]
+__all__ = ["quantize_activations", "static_spec"]
+
+
+def _options(fmt) -> tuple:
+    return tuple(sorted((k, v) for k, v in fmt.options().items()
+                        if k not in ("granularity", "group_size")))
+
+
+def static_spec(graph: Graph, fmt, name: str, lo: float, hi: float) -> QuantSpec:
+    """A static per-tensor spec of ``fmt`` covering [lo, hi] (Jacob et al. 2018, §3), its
+    parameters stored as graph constants ``<name>.act_scale`` / ``.act_zero_point``. The range
+    always holds 0 (the format widens it so); an all-zero tensor gets [0, 1], so the scale is
+    never 0."""
+    if lo == hi == 0.0:  # an all-zero tensor: any positive scale, zero stays exact
+        hi = 1.0
+    qt = fmt.quantize(torch.tensor([lo, hi], dtype=torch.float32))
+    params = {r: graph.add_constant(f"{name}.act_{r}", t).name for r, t in qt.params.items()}
+    return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=_options(fmt), **params)
 
 
 def _spec(graph: Graph, fmt, x: Value, cal) -> QuantSpec:
-    opts = tuple(sorted((k, v) for k, v in fmt.options().items()
-                        if k not in ("granularity", "group_size")))
     if fmt.granularity != Granularity.PER_TENSOR:
         return QuantSpec(fmt.name, fmt.granularity, axis=-1, group_size=fmt.group_size,
-                         options=opts)
+                         options=_options(fmt))
     if cal is None or x.name not in cal:
         raise ConfigError(f"static per-tensor quantization of %{x.name} needs calibration "
                           "statistics", hint="pass calibration= or use per_token activations")
     st = cal[x.name]
-    qt = fmt.quantize(torch.tensor([st.min, st.max], dtype=torch.float32))
-    params = {r: graph.add_constant(f"{x.name}.act_{r}", t).name for r, t in qt.params.items()}
-    return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
+    return static_spec(graph, fmt, x.name, st.min, st.max)
 
 
 def _copy(graph: Graph, x: Value, readers: list[Node], spec: QuantSpec, tag: str) -> None:

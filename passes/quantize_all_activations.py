@@ -8,8 +8,8 @@ and the float constants ops read as data (embedding tables, the positional embed
 zero points come from the calibrated min/max of the float model (Jacob et al. 2018, §3: the
 asymmetric range with zero exactly representable); constants use their own min/max.
 
-- Data-movement ops (reshape, permute, expand, slice, select, gather, embedding, max-pool,
-  concat of one grid …) give their output the *same* parameters as their input: the values
+- Data-movement ops (reshape, permute, expand, slice, select, gather, embedding, max-pool …)
+  give their output the *same* parameters as their input: the values
   stay on the input's grid, so the fake quantization is the identity there and the NPU
   needs no requantization.
 - 16-bit Sigmoid and Tanh outputs get fixed encodings covering their whole range (sigmoid:
@@ -17,8 +17,9 @@ asymmetric range with zero exactly representable); constants use their own min/m
   configuration uses, so the HTP's table-driven 16-bit kernels apply.
 - LayerNorm γ gets ``norm_weights`` (uint8 asymmetric per tensor: the QNN HTP rejects a
   signed γ, npu.md §2); linear/conv weights are left to ``quantize_weights``; their biases
-  and LayerNorm's β stay float in the IR and export as int32 at ``s_x·s_w`` (Jacob et al.
-  2018, §2.4), an error ≤ s_x·s_w/2 the export oracle allows.
+  and LayerNorm's β stay float in the IR. A linear's bias exports as int32 at ``s_x·s_w``
+  (Jacob et al. 2018, §2.4), an error ≤ s_x·s_w/2 the export oracle allows; β and conv
+  biases export as float initializers, which the HTP takes.
 Requires: ``graph.meta["calibration"]`` holding stats for ``activation_values(graph)``.
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ from qcompile.config import QuantConfig
 from qcompile.errors import ConfigError
 from qcompile.ir.graph import Graph, Value
 from qcompile.ir.quant import Granularity, QuantSpec
+from qcompile.ir.types import is_float
 from qcompile.passes.manager import register_pass
+from qcompile.passes.quantize_activations import static_spec
 
 __all__ = ["quantize_all_activations", "activation_values", "SAME_GRID"]
 
@@ -42,7 +45,7 @@ _WEIGHT_SLOTS = {("linear", 1), ("linear", 2), ("conv", 1), ("conv", 2), ("layer
 
 
 def _is_float(v: Value | None) -> bool:
-    return v is not None and v.dtype in ("float32", "float16", "bfloat16", "float64")
+    return v is not None and is_float(v.dtype)
 
 
 def _grid_source(n) -> Value | None:
@@ -72,8 +75,8 @@ _FIXED16 = {("sigmoid", "uint16"): (1 / 65536, 0), ("tanh", "uint16"): (1 / 3276
 
 
 def _fixed_spec(graph: Graph, fmt, name: str, scale: float, zero: int) -> QuantSpec:
-    opts = tuple(sorted((k, v) for k, v in fmt.options().items()
-                        if k not in ("granularity", "group_size")))
+    from qcompile.passes.quantize_activations import _options
+    opts = _options(fmt)
     params = {"scale": graph.add_constant(f"{name}.act_scale", torch.tensor(scale)).name}
     if "zero_point" in fmt.roles:
         params["zero_point"] = graph.add_constant(
@@ -81,19 +84,13 @@ def _fixed_spec(graph: Graph, fmt, name: str, scale: float, zero: int) -> QuantS
     return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
 
 
-def _static_spec(graph: Graph, fmt, name: str, lo: float, hi: float) -> QuantSpec:
-    opts = tuple(sorted((k, v) for k, v in fmt.options().items()
-                        if k not in ("granularity", "group_size")))
-    qt = fmt.quantize(torch.tensor([lo, hi], dtype=torch.float32))
-    params = {r: graph.add_constant(f"{name}.act_{r}", t).name for r, t in qt.params.items()}
-    return QuantSpec(fmt.name, Granularity.PER_TENSOR, options=opts, **params)
-
-
-def _split_block_biases(graph: Graph) -> None:
+def _split_block_biases(graph: Graph) -> int:
     """linear(x, W, b) with block-quantized W → add(linear(x, W), b): NPU runtimes take block
     weights in MatMul, which has no bias, so the sum before the bias is a tensor of its own
     and needs its own calibrated scale. An all-zero bias is dropped (npu.md §1: the HTP
     miscompiles Add(x, 0))."""
+    split = 0
+    users = graph.users()
     for n in list(graph.nodes):
         if n.op != "linear" or len(n.inputs) < 3 or n.inputs[2] is None or \
                 n.inputs[1].quant is None or \
@@ -101,15 +98,16 @@ def _split_block_biases(graph: Graph) -> None:
             continue
         b = n.inputs[2]
         n.inputs = [n.inputs[0], n.inputs[1], None]
+        split += 1
         if graph.is_constant(b) and not graph.constants[b.name].any():
             continue
         out = n.outputs[0]
-        users = [u for u in graph.nodes if any(v is out for v in u.inputs)]
         i = graph.nodes.index(n)
         nxt = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
         add = graph.add_node("add", [out, b], {}, name=f"{n.name}.bias",
                              provenance=n.provenance, before=nxt)
-        graph.replace_uses(out, add.outputs[0], nodes=users)
+        graph.replace_uses(out, add.outputs[0], nodes=users.get(out, []))
+    return split
 
 
 @register_pass("quantize_all_activations")
@@ -125,7 +123,10 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
                                "activation_granularity='per_tensor'")
     from qcompile.formats import get
     fmt = get(config.activations, granularity="per_tensor")
-    _split_block_biases(graph)
+    if _split_block_biases(graph) and data is None:
+        raise ConfigError("splitting block-quantized linears' biases changes what the stored "
+                          "calibration statistics describe",
+                          hint="pass data= so the pass calibrates the split graph itself")
     if data is not None:
         from qcompile.passes.calibrate import collect_statistics
         names = [v.name for v in graph.inputs if _is_float(v)] + \
@@ -143,7 +144,7 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
             raise ConfigError(f"static quantization of %{v.name} needs calibration statistics",
                               hint="pass calibration= to compile()")
         st = cal[v.name]
-        v.quant = _static_spec(graph, fmt, v.name, st.min, st.max)
+        v.quant = static_spec(graph, fmt, v.name, st.min, st.max)
     nfmt = get(norm_weights, granularity="per_tensor")
     for n in graph.nodes:
         for i, v in enumerate(n.inputs):
@@ -154,7 +155,7 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
             t = graph.constants[v.name].float()
             lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
             f = nfmt if (n.op, i) in (("layer_norm", 1), ("rms_norm", 1)) else fmt
-            v.quant = _static_spec(graph, f, v.name, lo, hi)
+            v.quant = static_spec(graph, f, v.name, lo, hi)
         if n.op in SAME_GRID:
             src = _grid_source(n)
             for o in n.outputs:
@@ -164,5 +165,5 @@ def quantize_all_activations(graph: Graph, *, config: QuantConfig, data=None,
                         o.quant = src.quant
                     elif cal is not None and o.name in cal:
                         st = cal[o.name]
-                        o.quant = _static_spec(graph, fmt, o.name, st.min, st.max)
+                        o.quant = static_spec(graph, fmt, o.name, st.min, st.max)
     return graph

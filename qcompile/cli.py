@@ -102,7 +102,7 @@ def cmd_build(a) -> int:
     check_destination(a.output, overwrite=a.force)  # refuse before the (slow) compile
     model, inputs, dyn = _load_model(a.model)
     from qcompile.backends import get_backend
-    if dyn is not None and getattr(get_backend(a.target), "full_qdq", False):
+    if dyn is not None and get_backend(a.target).full_qdq:
         print(f"note: target {a.target} compiles for the example inputs' static shapes "
               "(NPU runtimes need static shapes)")
         dyn = None
@@ -252,7 +252,7 @@ def _targets(tvm_error: str | None, sparse) -> dict[str, str]:
                       str(sparse).startswith("unknown") else
                       f"runs here (pruned linears use the dense cpu kernels; sparse kernels: "
                       f"{sparse or 'none on this CPU'})")
-        elif t == "onnx":
+        elif t.startswith("onnx"):
             status = "runs here (ONNX Runtime, CPU EP)" if _package_version("onnxruntime") \
                 else "unavailable (pip install 'qcompile[onnx]')"
         elif t.startswith("npu"):

@@ -12,14 +12,14 @@ import json
 import numpy as np
 import torch
 
-from qcompile.backends.base import register_backend
+from qcompile.backends.base import Backend, register_backend
 from qcompile.errors import ArtifactError, BackendError, ConfigError
 from qcompile.ir.graph import Graph
 
 from .export import OPSET, Exported, check_exportable, export
 
 __all__ = ["OnnxBackend", "OnnxExecutable", "export", "Exported", "MODEL_FILE", "ORIGIN_FILE",
-           "OPSET", "ort_session"]
+           "OPSET", "ort_session", "check_exportable"]
 
 MODEL_FILE, ORIGIN_FILE = "model.onnx", "onnx_nodes.json"
 
@@ -101,14 +101,13 @@ def _read_origin(files: dict[str, bytes]) -> dict[str, str]:
                             hint="rebuild the artifact") from None
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     """Target ``onnx``: the graph exported as QDQ ONNX, run by ONNX Runtime's CPU EP."""
 
     name = "onnx"
     #: ``onnx:qdq`` writes weight-only int4 as DequantizeLinear + MatMul instead of MatMulNBits
     targets = ("onnx", "onnx:qdq")
     versioned = ("onnx", "onnxruntime")
-    tunable = ()
 
     def supports(self, node) -> bool:
         from .export import _OPS
@@ -137,5 +136,3 @@ class OnnxBackend:
 register_backend(OnnxBackend())
 
 from . import npu as _npu  # noqa: E402,F401  (registers npu, npu:v68 … npu:v81)
-
-__all__ += ["check_exportable"]

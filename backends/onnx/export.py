@@ -35,7 +35,7 @@ import torch
 from qcompile.errors import BackendError, ConfigError
 from qcompile.ir.graph import Graph, Node, Value
 from qcompile.ir.quant import Granularity, QuantSpec
-from qcompile.ir.types import dim_expr
+from qcompile.ir.types import dim_expr, to_torch_dtype
 
 __all__ = ["export", "Exported", "OPSET", "exportable_format", "check_exportable"]
 
@@ -70,8 +70,7 @@ def exportable_format(spec: QuantSpec) -> tuple[bool, str]:
         nearest = ("int4" if fmt.bits <= 4 else "int8") if fmt.signed else \
             ("uint4" if fmt.bits <= 4 else "uint8")
         return False, nearest
-    name = spec.format.lower()
-    if "fp4" in name or "nf4" in name or "4" in name:
+    if "4" in spec.format:  # mxfp4, nvfp4, nf4, sf4, fp4_e2m1
         return False, "int4 with group_size=32"
     return False, "int8"
 
@@ -109,6 +108,16 @@ def check_exportable(graph: Graph, target: str = "onnx") -> None:
                                    f"{{'{(node.provenance.module if node else None) or v.name}': "
                                    f"{{'weights': '{nearest.split()[0]}'}}}}), or use target "
                                    "'cpu'")
+        if spec.dynamic and spec.granularity == Granularity.PER_TOKEN:
+            from qcompile.formats.integer import IntFormat
+            f = spec.fmt
+            if not (isinstance(f, IntFormat) and f.symmetric and f.signed and not f.full_range
+                    and f.scale_dtype == "fp32"):
+                raise ConfigError(f"target '{target}' writes per-token activations as "
+                                  f"arithmetic for signed symmetric fp32-scaled integers only; "
+                                  f"{spec} at {_where(node, v)} is not", node=node,
+                                  hint="use activations='int8' (per_token), or per_tensor "
+                                       "with calibration")
         if spec.dynamic and spec.granularity not in (Granularity.PER_TOKEN,):
             raise ConfigError(f"target '{target}' cannot carry the dynamic {spec} at "
                               f"{_where(node, v)}", node=node,
@@ -238,7 +247,7 @@ class _Exporter:
         raise BackendError(f"cannot export the symbolic size {e}", node=self.cur,
                            hint="export with static shapes")
 
-    def dims(self, dims, env=None) -> str:
+    def dims(self, dims) -> str:
         """A 1-D int64 tensor of ``dims`` (ints or symbolic sizes)."""
         if all(isinstance(d, int) for d in dims):
             return self.i64(list(dims))
@@ -298,13 +307,7 @@ class _Exporter:
         if gran == Granularity.PER_TENSOR:
             scale, zp = scale.reshape(()), (zp.reshape(()) if zp is not None else None)
         elif gran == Granularity.PER_CHANNEL:
-            # the reduction axes share a scale; ONNX names the one channel axis that does not
-            keep = [a for a in range(rank) if a not in axes]
-            if len(keep) != 1:
-                # several kept axes (conv weights [O, I, kh, kw] reduced over I, kh, kw keep O)
-                raise BackendError(f"{v.name}: per-channel scales over axes {keep} do not "
-                                   "export", node=self.cur)
-            ch = keep[0]
+            ch = self.channel_axis(v, axes, rank)
             scale = scale.reshape(-1)
             zp = zp.reshape(-1) if zp is not None else None
             attrs["axis"] = ch
@@ -339,6 +342,15 @@ class _Exporter:
         self.codes[v.name] = cname
         return self.emit("DequantizeLinear", ins, **attrs)
 
+    def channel_axis(self, v: Value, shared: list[int], rank: int) -> int:
+        """The ONNX ``axis`` of a per-channel spec: the one axis that does *not* share a scale
+        (qcompile's ``axis`` names the reduction axes, which share one)."""
+        keep = [a for a in range(rank) if a not in [x % rank for x in shared]]
+        if len(keep) != 1:
+            raise BackendError(f"%{v.name}: per-channel scales kept along axes {keep} do not "
+                               "export (ONNX quantizes along one axis)", node=self.cur)
+        return keep[0]
+
     def qdq(self, x: str, v: Value) -> str:
         """Q → DQ (static spec) or the per-token arithmetic (dynamic spec) on tensor ``x``."""
         spec = v.quant
@@ -365,7 +377,9 @@ class _Exporter:
         if gran == Granularity.PER_TENSOR:
             scale = scale.reshape(())
         elif gran == Granularity.PER_CHANNEL:
-            attrs["axis"] = spec.axis if isinstance(spec.axis, int) else spec.axis[0]
+            shared = [-1] if spec.axis is None else \
+                ([spec.axis] if isinstance(spec.axis, int) else list(spec.axis))
+            attrs["axis"] = self.channel_axis(v, shared, len(v.shape))
         else:
             raise BackendError(f"%{v.name}: activation quantization {spec} does not export",
                                node=self.cur, hint="use per_tensor activations")
@@ -400,6 +414,7 @@ class _Exporter:
     def run(self):
         h = self.h
         ins = []
+        self.used_names.update(v.name for v in self.g.inputs)
         for v in self.g.inputs:
             shape = [d if isinstance(d, int) else str(d) for d in v.shape]
             if self.static and any(isinstance(d, str) for d in shape):
@@ -407,6 +422,9 @@ class _Exporter:
                                   f"has shape {shape}",
                                   hint="compile with example inputs of the deployed shape and no "
                                        "dynamic_shapes")
+            if v.dtype == "bfloat16":
+                raise ConfigError(f"input %{v.name} is bfloat16, which ONNX Runtime's Python "
+                                  "API cannot feed", hint="capture the model with float32 inputs")
             ins.append(h.make_tensor_value_info(v.name, _elem(v.dtype), shape))
             self.used_names.add(v.name)
             self.names[id(v)] = v.name
@@ -427,7 +445,8 @@ class _Exporter:
         outputs = []
         for i, v in enumerate(self.g.outputs):
             name = self.value(v)
-            oname = v.name if v.name not in self.used_names or name == v.name else f"output_{i}"
+            oname = v.name if v.name not in self.used_names or name == v.name else \
+                self.fresh(f"output_{i}")
             if name in (x.name for x in ins) or name in self.inits or name != oname:
                 self.emit("Identity", [name], out=[oname])
             shape = [d if isinstance(d, int) else str(d) for d in v.shape]
@@ -541,17 +560,12 @@ def _leaky(e, n, ins):
 def _clamp(e, n, ins):
     lo, hi = n.attrs.get("min"), n.attrs.get("max")
     dt = n.outputs[0].dtype
-    npdt = torch.empty((), dtype=_torch_dtype(dt)).numpy().dtype
+    npdt = torch.empty((), dtype=to_torch_dtype(dt)).numpy().dtype
     args = [ins[0], e.const(np.asarray(lo, npdt), "min") if lo is not None else "",
             e.const(np.asarray(hi, npdt), "max") if hi is not None else ""]
     while args[-1] == "":
         args.pop()
     return e.emit("Clip", args)
-
-
-def _torch_dtype(d):
-    from qcompile.ir.types import to_torch_dtype
-    return to_torch_dtype(d)
 
 
 @_reg("where")
@@ -642,8 +656,8 @@ def _matmulnbits(e: _Exporter, n: Node, ins):
     if k % bs:
         raise BackendError(f"{w.name}: K={k} is not a multiple of the group {bs}", node=n)
     codes = qt.codes.to(torch.int32)
-    if fmt.signed:
-        u = codes + 8
+    if fmt.symmetric:  # signed codes + 8, or offset-binary codes already: zero point 8
+        u = codes + 8 if fmt.signed else codes
         zp = None
     else:
         u = codes
@@ -945,7 +959,7 @@ def _pad(e, n, ins):
             "circular": "wrap"}[n.attrs["mode"]]
     args = [ins[0], e.i64(begin + end)]
     if mode == "constant":
-        dt = torch.empty((), dtype=_torch_dtype(n.inputs[0].dtype)).numpy().dtype
+        dt = torch.empty((), dtype=to_torch_dtype(n.inputs[0].dtype)).numpy().dtype
         args.append(e.const(np.asarray(n.attrs["value"], dt), "pad_value"))
     return e.emit("Pad", args, mode=mode)
 
@@ -968,7 +982,7 @@ def _arange(e, n, ins):
 @_reg("full")
 def _full(e, n, ins):
     a = n.attrs
-    t = torch.full((1,), a["value"], dtype=_torch_dtype(a["dtype"]))
+    t = torch.full((1,), a["value"], dtype=to_torch_dtype(a["dtype"]))
     if a["dtype"] == "bfloat16":
         return e.emit("Cast", [e.emit("ConstantOfShape", [e.dims(list(a["shape"]))],
                                       value=e.onnx.numpy_helper.from_array(t.float().numpy()))],
@@ -1068,16 +1082,42 @@ def _repeat_heads(e, x: str, v: Value, rep: int) -> str:
     return e.emit("Reshape", [y, e.dims(b + [h * rep, L, d])])
 
 
+def _qdq_elem(n: Node) -> tuple[int, int]:
+    """(ONNX element type, bits) of an explicit quantize/dequantize node's ``format``."""
+    from qcompile.ir.quant import int_range
+    lo, hi = int_range(n.attrs["format"])
+    bits, signed = (hi - lo + 1).bit_length() - 1, lo < 0
+    if (bits, signed) not in _QDQ_TYPES:
+        raise BackendError(f"{n.attrs['format']} codes have no ONNX QuantizeLinear type",
+                           node=n, hint="use int4/uint4, int8/uint8 or int16/uint16")
+    return getattr(_tp(), _QDQ_TYPES[(bits, signed)]), bits
+
+
+def _block(n: Node) -> dict:
+    return {"block_size": int(n.attrs["block_size"])} if n.attrs["block_size"] else {}
+
+
 @_reg("quantize")
 def _quantize(e, n, ins):
-    return e.emit("QuantizeLinear", [x for x in ins if x], axis=int(n.attrs["axis"]),
-                  **({"block_size": int(n.attrs["block_size"])} if n.attrs["block_size"] else {}))
+    elem, bits = _qdq_elem(n)
+    q = e.emit("QuantizeLinear", [x for x in ins if x], axis=int(n.attrs["axis"]),
+               output_dtype=elem, **_block(n))
+    # the IR holds codes as int8/uint8, int16, or int32 for uint16 (int_code_dtype)
+    return e.emit("Cast", [q], to=_elem(n.outputs[0].dtype)) if bits == 16 and \
+        n.outputs[0].dtype == "int32" else q
 
 
 @_reg("dequantize")
 def _dequantize(e, n, ins):
-    return e.emit("DequantizeLinear", [x for x in ins if x], axis=int(n.attrs["axis"]),
-                  **({"block_size": int(n.attrs["block_size"])} if n.attrs["block_size"] else {}))
+    elem, bits = _qdq_elem(n)
+    codes = ins[0]
+    if n.inputs[0].dtype == "int32":  # uint16 codes held in int32
+        codes = e.emit("Cast", [codes], to=elem)
+    zp = [x for x in ins[2:] if x]
+    if zp and n.inputs[2].dtype == "int32":
+        zp = [e.emit("Cast", zp, to=elem)]
+    return e.emit("DequantizeLinear", [codes, ins[1]] + zp, axis=int(n.attrs["axis"]),
+                  **_block(n))
 
 
 def export(graph: Graph, *, target: str = "onnx", static: bool = False,

@@ -101,6 +101,8 @@ class NpuExecutable(OnnxExecutable):
         self.report = report
         #: seconds to create the session: from the context binary when loaded
         self.load_seconds: float | None = None
+        #: seconds the build spent compiling the QNN context (None for a loaded artifact)
+        self.prepare_seconds: float | None = None
 
     @property
     def session(self):
@@ -149,8 +151,10 @@ def refusal_error(report, origin: dict[str, str], graph: Graph, target: str) -> 
         if report.total_nodes is not None else ""
     return BackendError(f"the QNN HTP (v{report.htp_arch}) cannot run the whole model "
                         f"({counts}{len(lines)} refused):\n" + "\n".join(lines),
-                        hint=f"place the refused nodes on the CPU with target=['{target}', "
-                             "'cpu'], or change the model (see npu.md)")
+                        hint=f"change the model so these ops go (npu.md lists what the HTP "
+                             f"runs), compile it for target 'onnx' or 'cpu' instead, or — once "
+                             f"the placement pass lands — split it with target=['{target}', "
+                             "'cpu']")
 
 
 class NpuBackend(OnnxBackend):
