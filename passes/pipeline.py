@@ -30,14 +30,16 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labe
     mixed precision's task loss, their ``labels``; its latency budget measures on ``target``)."""
     algos = {cfg.algorithm} | {ov.get("algorithm") for ov in cfg.overrides.values()
                                if isinstance(ov, dict) and ov.get("algorithm")}
+    full = _full_qdq(target)  # every activation is calibrated by quantize_all_activations
     static_acts = cfg.activations is not None and cfg.activation_granularity == "per_tensor"
     sparse = cfg.sparsity or any(isinstance(ov, dict) and ov.get("sparsity")
                                  for ov in cfg.overrides.values())
     methods = {cfg.sparsity_method} | {ov.get("sparsity_method") for ov in cfg.overrides.values()
                                        if isinstance(ov, dict) and ov.get("sparsity_method")}
     wanda = bool(sparse) and "wanda" in methods
-    stats = bool(algos & {"gptq", "awq"}) or static_acts or (bool(sparse) and data is not None
-                                                             and bool(methods & {"wanda", "2:4"}))
+    other_stats = bool(algos & {"gptq", "awq"}) or (bool(sparse) and data is not None
+                                                    and bool(methods & {"wanda", "2:4"}))
+    stats = other_stats or static_acts
     pca = cfg.rotation == "pca"
     mixed = cfg.mixed_precision is not None
     if labels is not None and not mixed:
@@ -61,7 +63,7 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labe
         names += ["calibrate", "smoothquant"]
         opts["smoothquant"] = {"alpha": float(cfg.smoothquant),
                                "overrides": dict(cfg.smoothquant_alpha_overrides)}
-    if stats:
+    if other_stats or (static_acts and not full):
         names.append("calibrate")
     if pca:  # the high-variance subspace's linears (``…resq_high``) get their own formats
         high = cfg.resq_options()
@@ -77,7 +79,7 @@ def quantization_pipeline(cfg: QuantConfig, data, *, progress: bool = True, labe
     names += ["quantize_weights", "quantize_activations"]
     opts["quantize_weights"] = {"config": cfg, "progress": progress}
     opts["quantize_activations"] = {"config": cfg}
-    if _full_qdq(target):  # NPU runtimes: integer node units everywhere, masks as arithmetic
+    if full:  # NPU runtimes: integer node units everywhere, masks as arithmetic
         names = ["canonicalize_npu", "decompose_attention", "decompose_fused"] + names[:-1] + \
             ["quantize_all_activations"]
         opts["quantize_all_activations"] = {"config": cfg, "data": data, "progress": progress,
