@@ -18,6 +18,8 @@ scales qcompile computed (calibration, SmoothQuant, GPTQ, AWQ, rotations):
 - a quantized linear whose input has a static scale ``s_x`` and whose weight has scales
   ``s_w`` gets its bias as int32 at ``s_x·s_w`` inside ``Gemm`` (the integer-arithmetic bias
   of Jacob et al. 2018, §2.4), which is what NPU runtimes fuse into a fully connected op;
+- fused ops opset 21 lacks (attention, RMSNorm, rotary, SiLU) are written as the primitives
+  they stand for by the passes ``decompose_attention`` and ``decompose_fused`` on a copy;
 - formats ONNX cannot carry (MX, NVFP4, codebooks, minifloats, int1–3 and int5–7) are refused,
   naming the layer and the nearest format that exports.
 
@@ -26,7 +28,6 @@ node it came from, so runtime reports (QNN's refused nodes) point at the user's 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1020,66 +1021,26 @@ def _hadamard(e, n, ins):
     return e.emit("Reshape", [y, e.dims(list(x.shape))])
 
 
-@_reg("rotary")
-def _rotary(e, n, ins):
-    """x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] (Su et al. 2021, eq. 34)."""
-    x = n.inputs[0]
-    h = int(x.shape[-1]) // 2
-    x1 = e.emit("Slice", [ins[0], e.i64([0]), e.i64([h]), e.i64([-1])])
-    x2 = e.emit("Slice", [ins[0], e.i64([h]), e.i64([2 * h]), e.i64([-1])])
-    rot = e.emit("Concat", [e.emit("Neg", [x2]), x1], axis=-1)
-    return e.emit("Add", [e.emit("Mul", [ins[0], ins[1]]), e.emit("Mul", [rot, ins[2]])])
-
-
-#: the additive value a boolean attention mask turns into where it is False: finite (no
-#: -inf for QDQ calibration, no Where for the HTP), and exp(−1e4) underflows to 0 in fp32
+#: the additive value a boolean attention mask becomes where it is False when the export
+#: decomposes attention itself (``onnx``): finite (no -inf for QDQ calibration, no Where for
+#: NPUs), and exp(−1e4) underflows to 0 in fp32. (``npu`` decomposes before calibration, with
+#: ``decompose_attention``'s −50, which keeps a 16-bit grid on the scores.)
 MASK_FILL = -1.0e4
+#: fused IR ops the export writes as the primitives they stand for (no opset-21 op for them)
+_DECOMPOSED = ("attention", "rms_norm", "rotary", "silu")
 
 
-@_reg("attention")
-def _attention(e, n, ins):
-    """softmax(q·kᵀ·scale + mask)·v (Vaswani et al. 2017, eq. 1) in MatMul/Softmax form. A
-    boolean mask becomes the additive (cast(mask) − 1)·1e4: arithmetic, not ``Where``,
-    and finite; causal masks are a constant additive matrix; grouped KV heads are repeated."""
-    q, k, v = n.inputs[:3]
-    mask = n.inputs[3] if len(n.inputs) > 3 else None
-    d = int(q.shape[-1])
-    scale = n.attrs.get("scale")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kx, vx = ins[1], ins[2]
-    if n.attrs.get("gqa") and len(q.shape) >= 4 and q.shape[-3] != k.shape[-3]:
-        rep = int(q.shape[-3]) // int(k.shape[-3])
-        kx, vx = (_repeat_heads(e, t, val, rep) for t, val in ((kx, k), (vx, v)))
-    rank = len(q.shape)
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    s = e.emit("MatMul", [ins[0], e.emit("Transpose", [kx], perm=perm)])
-    s = e.emit("Mul", [s, e.f32(scale)])
-    if mask is not None:
-        if mask.dtype == "bool":
-            m = e.emit("Cast", [ins[3]], to=_elem("float32"))
-            m = e.emit("Mul", [e.emit("Sub", [m, e.f32(1.0)]), e.f32(-MASK_FILL)])
-        else:
-            m = ins[3]
-        s = e.emit("Add", [s, m])
-    if n.attrs.get("causal"):
-        lq, lk = q.shape[-2], k.shape[-2]
-        if not (isinstance(lq, int) and isinstance(lk, int)):
-            raise BackendError("a causal attention with symbolic lengths has no static ONNX "
-                               "mask yet", node=n, hint="export with static shapes")
-        # SDPA's is_causal: query i sees keys j <= i (top-left aligned, also when Lq != Lk)
-        tri = np.triu(np.full((lq, lk), MASK_FILL, np.float32), k=1)
-        s = e.emit("Add", [s, e.const(tri, "causal_mask")])
-    p = e.emit("Softmax", [s], axis=-1)
-    return e.emit("MatMul", [p, vx])
-
-
-def _repeat_heads(e, x: str, v: Value, rep: int) -> str:
-    shp = list(v.shape)
-    b = shp[:-3]
-    h, L, d = shp[-3:]
-    y = e.emit("Unsqueeze", [x, e.i64([len(shp) - 2])])
-    y = e.emit("Expand", [y, e.dims(b + [h, rep, L, d])])
-    return e.emit("Reshape", [y, e.dims(b + [h * rep, L, d])])
+def _decomposed(graph: Graph) -> Graph:
+    """``graph``, or a copy with attention (``decompose_attention``), RMSNorm, rotary and SiLU
+    (``decompose_fused``) written as primitive ops: one lowering of each, shared with the
+    ``npu`` pipeline. Node names and provenance carry over (``<node>.<op>``)."""
+    if not any(n.op in _DECOMPOSED for n in graph.nodes):
+        return graph
+    from qcompile.passes.decompose_attention import decompose_attention
+    from qcompile.passes.decompose_fused import decompose_fused
+    g = graph.clone()
+    decompose_attention(g, mask_value=MASK_FILL)
+    return decompose_fused(g)
 
 
 def _qdq_elem(n: Node) -> tuple[int, int]:
@@ -1137,6 +1098,7 @@ def export(graph: Graph, *, target: str = "onnx", static: bool = False,
         raise ConfigError(f"weight_only_int4 must be 'matmulnbits' or 'qdq', got "
                           f"{weight_only_int4!r}")
     check_exportable(graph, target)
+    graph = _decomposed(graph)
     ex = _Exporter(graph, static=static, weight_only_int4=weight_only_int4,
                    bias_int32=bias_int32, target=target)
     model = ex.run()
