@@ -284,8 +284,8 @@ def _in_batches(fn, batches, n: int) -> list[torch.Tensor]:
 def onnx_rows(model, cal_s, ev, ref, masks, seq: int) -> list[dict]:
     """qcompile's target ``onnx`` (its QDQ file run by ORT's CPU EP) beside ORT's own
     ``quantize_static`` of the TorchScript export, on the same calibration sentences. The
-    export of MiniLM needs static shapes ("advanced indexing over symbolic sizes" otherwise),
-    so the graph is captured at batch ``ONNX_BATCH`` and the evaluation batches run in pieces."""
+    graph is captured at batch ``ONNX_BATCH`` (as ORT's export is) and the evaluation batches
+    run in pieces of that size."""
     cal = zoo.minilm_batches(cal_s, batch=ONNX_BATCH, seq=seq)
     graph = qcompile.capture(model, cal[0])
     rows = []

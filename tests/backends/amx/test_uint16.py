@@ -11,42 +11,16 @@ import torch
 
 import qcompile
 from qcompile import isa, zoo
-from qcompile.backends.amx import format as F
 from qcompile.config import QuantConfig
 from qcompile.interpreter import Interpreter
+
+from .test_backend import _kernel_oracle, _rel
 
 pytestmark = pytest.mark.skipif(find_spec("tvm") is None, reason="target amx needs Apache TVM")
 needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= isa.host_features(),
                                 reason="the sparse kernels need AVX2 and FMA at least")
 
 U16 = dict(activations="uint16", activation_granularity="per_tensor")
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-class _KernelLinear:
-    """A linear schema that runs the ctypes kernels on its (fake-quantized) input."""
-
-    def __init__(self, sw, kind):
-        self.sw, self.kind = sw, kind
-
-    def run(self, args, attrs, env):
-        from qcompile.backends.amx import build as B
-        x, b = args[0], args[2] if len(args) > 2 else None
-        y = B.library().matmul(x.reshape(-1, x.shape[-1]).numpy(), self.sw,
-                               None if b is None else b.numpy(), kind=self.kind, nthreads=2)
-        return [torch.from_numpy(y).reshape(*x.shape[:-1], -1)]
-
-
-def _kernel_oracle(graph, kind) -> Interpreter:
-    it = Interpreter(graph)
-    for i, n in enumerate(graph.nodes):
-        if n.op == "linear" and n.inputs[1].sparsity is not None:
-            it._schemas[i] = _KernelLinear(F.sparse(graph.constants[n.inputs[1].name], "bf16"),
-                                           kind)
-    return it
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
-import numpy as np
 import pytest
 import torch
 
 import qcompile
 from qcompile import zoo
-from qcompile.backends.lut import model as M
-from qcompile.backends.lut import weights as W
 from qcompile.config import QuantConfig
 from qcompile.interpreter import Interpreter
+
+from .test_backend import _lut_oracle, _rel
 
 pytestmark = pytest.mark.skipif(find_spec("tvm") is None, reason="target lut needs Apache TVM")
 
@@ -23,33 +22,6 @@ pytestmark = pytest.mark.skipif(find_spec("tvm") is None, reason="target lut nee
 def _cfg(weights, group_size):
     return QuantConfig(weights=weights, group_size=group_size, activations="uint16",
                        activation_granularity="per_tensor")
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-class _NumpyLinear:
-    """A linear schema that runs the LUT kernels' numpy model on its (fake-quantized) input."""
-
-    def __init__(self, lw):
-        self.lw = lw
-
-    def run(self, args, attrs, env):
-        x, b = args[0], args[2] if len(args) > 2 else None
-        y = M.lut_matmul(x.reshape(-1, x.shape[-1]).numpy(), self.lw,
-                         None if b is None else b.numpy())
-        return [torch.from_numpy(np.asarray(y, np.float32)).reshape(*x.shape[:-1], -1)]
-
-
-def _lut_oracle(graph) -> Interpreter:
-    it = Interpreter(graph)
-    for i, n in enumerate(graph.nodes):
-        if n.op == "linear" and n.inputs[1].quant is not None:
-            wv = n.inputs[1]
-            qt = wv.quant.quantize(graph.constants[wv.name].float(), graph.constants)
-            it._schemas[i] = _NumpyLinear(W.from_quantized(qt))
-    return it
 
 
 @pytest.fixture(scope="module")
