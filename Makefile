@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[tvm,onnx,npu,peers,models,plot,dev]"
+	$(BIN)/python -m pip install -q -e ".[tvm,onnx,npu,peers,models,plot,dev,placement]"
 	rm -f $(VENV)/.qcompile-*
 	touch $(STAMP)
 

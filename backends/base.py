@@ -20,6 +20,9 @@ class Backend:
 
     name: str = "backend"
     targets: tuple[str, ...] = ()
+    #: target-name prefixes the backend claims: every target starting with one (``rpc://``
+    #: URLs) resolves to it, after :meth:`check_target`
+    prefixes: tuple[str, ...] = ()
     #: packages whose version an artifact must match (besides qcompile and torch)
     versioned: tuple[str, ...] = ()
     #: targets whose ``lower`` takes ``tune_trials`` (a search measured on this machine)
@@ -32,6 +35,10 @@ class Backend:
         """The ``QuantConfig`` used when ``compile()`` gets calibration data but no config
         (None: a config is required)."""
         return None
+
+    def check_target(self, target: str) -> None:
+        """Raise a ``ConfigError`` when ``target``, claimed through :attr:`prefixes`, is
+        malformed (so that it fails before any work)."""
 
     def supports(self, node: Node) -> bool:
         """Whether this backend can run ``node``."""
@@ -55,12 +62,15 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+_PREFIXES: dict[str, Backend] = {}
 _PLUGINS_LOADED = False
 
 
 def register_backend(backend: Backend) -> Backend:
     for t in backend.targets:
         _BACKENDS[t] = backend
+    for p in backend.prefixes:
+        _PREFIXES[p] = backend
     return backend
 
 
@@ -82,8 +92,12 @@ def get_backend(target: str) -> Backend:
     _load_plugins()
     if not isinstance(target, str):
         raise ConfigError(f"a target is a name such as 'reference', got {target!r}")
-    try:
+    if target in _BACKENDS:
         return _BACKENDS[target]
-    except KeyError:
-        raise ConfigError(f"unknown target {target!r}",
-                          hint=f"known targets: {', '.join(all_targets())}") from None
+    for prefix, backend in _PREFIXES.items():
+        if target.startswith(prefix):
+            backend.check_target(target)
+            return backend
+    urls = "".join(f", {p}..." for p in sorted(_PREFIXES))
+    raise ConfigError(f"unknown target {target!r}",
+                      hint=f"known targets: {', '.join(all_targets())}{urls}")

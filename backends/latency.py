@@ -27,7 +27,7 @@ from qcompile.ir.graph import Graph, Node
 from qcompile.ir.types import TensorType
 
 __all__ = ["LATENCY_TARGETS", "layer_latency", "model_latency", "model_latencies", "time_call",
-           "cache_path", "copies"]
+           "cache_path", "copies", "cached"]
 
 #: targets whose kernels run on this machine's CPU, so their latency can be measured here
 LATENCY_TARGETS = ("cpu", "lut", "amx")
@@ -77,6 +77,18 @@ def _store(key: str, ms: float) -> None:
 
 def _cached(key: str) -> float | None:
     return _load().get(_machine(), {}).get(key)
+
+
+def cached(key: str, measure) -> tuple[float, bool]:
+    """``(ms, True)`` when this machine's cache holds ``key``; otherwise ``(measure(), False)``
+    with the result stored under ``key``. For analyses that time things here (the placement
+    costs); ``key`` should be a JSON string naming what was measured."""
+    hit = _cached(key)
+    if hit is not None:
+        return hit, True
+    ms = float(measure())
+    _store(key, ms)
+    return ms, False
 
 
 def time_call(fn, args, *, min_time: float = 0.1, min_runs: int = 5, warmup: int = 3,

@@ -100,21 +100,42 @@ def cmd_build(a) -> int:
     import qcompile
     from qcompile.runtime import check_destination
     check_destination(a.output, overwrite=a.force)  # refuse before the (slow) compile
+    from qcompile.api import _is_multi
+    multi = _is_multi(a.target)
+    if a.plan is not None and not multi:
+        from qcompile.errors import ConfigError
+        raise ConfigError("--plan applies to multi-device targets only",
+                          hint="pass --target npu,cpu (a comma-separated list or a .toml device file)")
+    if multi:
+        from qcompile.passes.place import read_plan_file
+        from qcompile.placement.devices import parse_devices
+        devices, _ = parse_devices(a.target)  # an unknown device fails before the model loads
+        if a.plan is not None:
+            read_plan_file(a.plan)
+        targets = [d.target for d in devices]
+    else:
+        targets = [a.target]
     model, inputs, dyn = _load_model(a.model)
     from qcompile.backends import get_backend
-    if dyn is not None and get_backend(a.target).full_qdq:
+    if dyn is not None and any(get_backend(t).full_qdq for t in targets):
         print(f"note: target {a.target} compiles for the example inputs' static shapes "
               "(NPU runtimes need static shapes)")
         dyn = None
     t0 = time.perf_counter()
     names = list(inputs) if isinstance(inputs, dict) else None
+    kw = {"placement": a.plan} if multi else {"tune_trials": a.tune_trials}
     cm = qcompile.compile(model, a.target, example_inputs=inputs, dynamic_shapes=dyn,
                           config=a.config, calibration=_calibration(a.calibration, names),
-                          labels=_labels(a.labels), tune_trials=a.tune_trials)
+                          labels=_labels(a.labels), **kw)
     plan = cm.graph.meta.get("mixed_precision")
     if plan is not None:
         print(plan)
+    placement = getattr(cm, "placement", None)
+    if placement is not None:
+        print(placement.format())
     out = cm.save(a.output, overwrite=a.force)
+    if placement is not None:
+        print(f"plan: {out / 'plan.json'} (edit its \"pins\" and pass it back with --plan)")
     print(f"built {a.model} for {a.target} in {time.perf_counter() - t0:.2f}s -> {out}")
     return 0
 
@@ -370,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("build", help="compile a model ahead of time into an artifact directory")
     s.add_argument("model", help=m_help)
-    s.add_argument("--target", default="reference", help="target name (see qcompile.targets())")
+    s.add_argument("--target", default="reference",
+                   help="target name (see qcompile.targets()); several devices as a comma-separated "
+                        "list (npu,cpu) or a .toml device file place the model across them")
+    s.add_argument("--plan", help="a plan.json from an earlier multi-device build, with pins "
+                                  "edited ({\"pins\": {\"encoder.*\": \"cpu\"}}), to place with")
     s.add_argument("-o", "--output", required=True, help="artifact directory to write")
     s.add_argument("--config", help="a QuantConfig TOML file (weights, activations, algorithm, ...)")
     s.add_argument("--calibration", help="an .npz of calibration samples: one array per input, "

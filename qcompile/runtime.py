@@ -163,6 +163,7 @@ class CompiledModel:
                         "files": {f: _sha256(tmp / f) for f in files}}
             if self.isa is not None:
                 manifest["isa"] = self.isa
+            manifest.update(self._manifest_extra())
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             _swap_into_place(tmp, dest)
         except OSError as e:
@@ -172,6 +173,10 @@ class CompiledModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+    def _manifest_extra(self) -> dict:
+        """More manifest entries a subclass records (a placed model: its devices)."""
+        return {}
 
     def _compiled_files(self) -> dict[str, bytes]:
         """The backend's files for the artifact: those it was loaded from while they still
@@ -290,10 +295,12 @@ def load(directory: str | os.PathLike) -> CompiledModel:
                             f"not supported (expected {MANIFEST_VERSION})")
     mine = _versions()
     from qcompile.backends import get_backend as _backend
-    try:
-        needs = ("qcompile", "torch") + tuple(_backend(target).versioned)
-    except Exception:  # noqa: BLE001 - an unknown target is reported below with the rest
-        needs = ("qcompile", "torch")
+    needs = ("qcompile", "torch")
+    for t in _targets_of(manifest):
+        try:
+            needs += tuple(_backend(t).versioned)
+        except Exception:  # noqa: BLE001 - an unknown target is reported below with the rest
+            pass
     for k in needs:
         if versions.get(k) != mine[k]:
             raise ArtifactError(f"artifact was built with {k} {versions.get(k)}, this is {mine[k]}",
@@ -310,11 +317,31 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     graph = load_graph(d)
     if graph_hash(graph) != manifest["graph_hash"]:
         raise ArtifactError("the graph's hash does not match the manifest")
-    backend = get_backend(target)
     extra = {f: (d / f).read_bytes() for f in files if f not in ("graph.json", "params.safetensors")}
+    if target.startswith(PLACED):
+        from qcompile.placed import load_placed
+        cm = load_placed(d, graph, manifest, extra)
+        cm._source = (d.resolve(), {f: files[f] for f in extra})
+        return cm
+    backend = get_backend(target)
     cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
     cm._source = (d.resolve(), {f: files[f] for f in extra})
     return cm
+
+
+#: the target prefix of a model placed across devices (``placed:npu,cpu``)
+PLACED = "placed:"
+
+
+def _targets_of(manifest: dict) -> list[str]:
+    """The backend targets an artifact needs (a placed model: each device's)."""
+    target = manifest["target"]
+    if not target.startswith(PLACED):
+        return [target]
+    devices = manifest.get("devices")
+    if not isinstance(devices, dict):
+        raise ArtifactError("a placed artifact's manifest lists no devices", hint="rebuild it")
+    return sorted(set(map(str, devices.values())))
 
 
 def check_isa(manifest: dict, directory: str | os.PathLike = "the artifact") -> None:

@@ -584,7 +584,7 @@ def _cast(e, n, ins):
 
 @_reg("linear")
 def _linear(e: _Exporter, n: Node, ins):
-    x, w, b = n.inputs
+    x, w, b = (list(n.inputs) + [None])[:3]  # the bias is optional
     k = w.shape[1]
     const_w = w.name in e.g.constants and w.producer is None
     spec = w.quant if const_w else None
@@ -647,7 +647,7 @@ def _matmulnbits(e: _Exporter, n: Node, ins):
     """com.microsoft.MatMulNBits (ONNX Runtime's 4-bit weight GEMM): B as uint8
     [N, K/bs, bs/2] with two 4-bit codes per byte, low nibble first; the default zero point
     8 reproduces signed symmetric int4 exactly, ``(u − 8)·s = q·s``."""
-    x, w, b = n.inputs
+    x, w, b = (list(n.inputs) + [None])[:3]  # the bias is optional
     spec = w.quant
     fmt = spec.fmt
     t = e.g.constants[w.name].float()
@@ -690,7 +690,7 @@ def _matmul(e, n, ins):
 
 @_reg("conv")
 def _conv(e, n, ins):
-    x, w, b = n.inputs
+    x, w, b = (list(n.inputs) + [None])[:3]  # the bias is optional
     pads = list(n.attrs["padding"])
     return e.emit("Conv", [ins[0], ins[1]] + ([ins[2]] if b is not None else []),
                   strides=list(n.attrs["stride"]), pads=pads + pads,

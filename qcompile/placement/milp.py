@@ -178,9 +178,10 @@ def solve(problem: Problem, *, time_limit: float | None = None, mip_rel_gap: flo
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     res = m.solve("C", options)
-    if res.status == 4:
+    if res.status in (2, 4):
         # HiGHS can reject its own solution after presolve/restart by ~1e-6 infeasibility
-        # ("Solve error"); solving the unreduced model avoids that.
+        # ("Solve error"), and its presolve can wrongly report a feasible model infeasible
+        # (tests/placement/test_split.py has one); solving the unreduced model avoids both.
         res = m.solve("C", {**options, "presolve": False})
     info = {"highs_status": int(res.status), "message": res.message, "horizon": H,
             "variables": len(m.lo), "constraints": len(m.rows), "disjunctive_pairs": n_pairs}
@@ -188,8 +189,15 @@ def solve(problem: Problem, *, time_limit: float | None = None, mip_rel_gap: flo
         raise ConfigError("no assignment meets the devices' memory limits (the MILP is infeasible)",
                           hint="raise a device's memory limit or add a device")
     if res.status not in (0, 1):
+        from qcompile.placement import cpsat
+        if cpsat.available():  # HiGHS 1.x still fails on rare instances ("Solve error")
+            plan = cpsat.solve(problem, time_limit=time_limit)
+            plan.info["highs_failed"] = res.message
+            plan.solve_s = time.perf_counter() - t0
+            return plan
         raise QCompileError(f"HiGHS failed on the placement MILP: {res.message}",
-                            hint="retry with another time_limit, or use heuristics.heft")
+                            hint="install OR-Tools (pip install 'qcompile[placement]') to solve "
+                                 "with CP-SAT, retry with another time_limit, or use heuristics.heft")
     status = "optimal" if res.status == 0 else "time_limit"
     dual = getattr(res, "mip_dual_bound", None)
     if res.x is None:
