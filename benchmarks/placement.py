@@ -166,7 +166,8 @@ def part_solvers(quick: bool, milp_limit: float) -> list[dict]:
             res.update(model=name, preset=preset)
             out.append(res)
             r = {x["solver"]: x for x in res["rows"]}
-            print(f"{preset:<14} {name:<8} {res['nodes']:>4} groups: split {r['split']['makespan_ms']:.3f} ms "
+            print(f"{preset:<14} {name:<8} {res['nodes']:>4} groups: split "
+                  f"{r['split']['makespan_ms']:.3f} ms "
                   f"in {r['split']['solve_s']:.2f}s, milp {r['milp']['makespan_ms']:.3f} ms in "
                   f"{r['milp']['solve_s']:.2f}s ({res['milp_status']}), greedy "
                   f"{r['greedy']['makespan_ms']:.3f}, heft {r['heft']['makespan_ms']:.3f}, single "
@@ -252,7 +253,14 @@ def _executable_for(cm, assignment_groups: dict):
     nodes = {n: assignment_groups[g] for g, ns in pl.groups.items() for n in ns}
     segs = partition(cm.graph, nodes)
     devs = {d.name: d for d in pl.devices}
-    lowered = lower_segments(cm.graph, segs, devs)
+    for attempt in range(3):
+        try:
+            lowered = lower_segments(cm.graph, segs, devs)
+            break
+        except qcompile.QCompileError:  # a server still closing the previous session
+            if attempt == 2:
+                raise
+            time.sleep(3.0)
     return PlacedExecutable(cm.graph, segs, [e for _, e in lowered], devs)
 
 

@@ -167,3 +167,27 @@ def test_minilm_across_npu_and_cpu_equals_the_interpreter(tmp_path):
             assert float((o - r).norm() / r.norm()) <= 0.06
     back = qcompile.load(cm.save(tmp_path / "minilm"))
     torch.testing.assert_close(back.run(*args)[0], cm.run(*args)[0], rtol=0, atol=0)
+
+
+def test_bad_device_sets_fail_before_any_work(tiny_mlp):
+    """An unknown device, an unreachable RPC server and a memory limit no plan meets are each
+    a QCompileError raised before the model is captured or built."""
+    import socket
+
+    from qcompile.errors import BackendError
+    x = torch.randn(2, 8)
+    with pytest.raises(ConfigError, match="unknown target 'tpu'"):
+        qcompile.compile(tiny_mlp, ["tpu", "cpu"], example_inputs=(x,))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError, match=f"127.0.0.1:{port}") as e:
+        qcompile.compile(tiny_mlp, {"board": {"target": f"rpc://127.0.0.1:{port}"}, "cpu": {}},
+                         example_inputs=(x,))
+    assert "rpc_server" in str(e.value) and time.perf_counter() - t0 < 10
+    with pytest.raises(ConfigError, match="memory"):
+        qcompile.compile(tiny_mlp, {"cpu": {"memory": 16}, "reference": {"memory": 16}},
+                         example_inputs=(x,), progress=False)
+    with pytest.raises(ConfigError, match="placement= applies to multi-device"):
+        qcompile.compile(tiny_mlp, "cpu", example_inputs=(x,), placement={"pins": {}})

@@ -14,11 +14,14 @@ whose ``problem`` is the :class:`~qcompile.placement.costgraph.Problem` the solv
   (:func:`~qcompile.placement.subgraph.extract`, on the graph specialised to the sample's
   shapes), lowered by the device's backend, and timed here (``latency.time_call``) or on the
   remote (an executable's ``time_remote``); the time of an empty call on the same device is
-  subtracted. A group timed alone keeps its weights in the last-level cache, which a model
-  whose weights exceed it never does (six 4 MB linears each timed alone summed to a fifth of
-  the model's time), so the timed graph holds :func:`copies` independent copies of the group,
-  each with its own cloned constants (:func:`replicate`, as ``latency.copies`` does for one
-  layer), and the time per call, less the empty call, is divided by their number. Results
+  subtracted. A group timed alone keeps its weights in the last-level cache, which a run of
+  a model with more weights does not (six 4 MB linears, each timed alone, summed to 0.6-0.8
+  of the model's time on a 32 MiB L3), so the timed graph holds :func:`copies` independent
+  copies of the group, each with its own cloned constants (:func:`replicate`, as
+  ``latency.copies`` does for one layer) — about as many bytes of weights as the model holds,
+  or past :data:`COPY_BYTES` — and the time of the call, less the empty call and what handing
+  back each further output costs (a placed run hands back only a segment's outputs), is
+  divided by their number. Results
   are cached per machine in the latency cache under the group's canonical :func:`signature`
   (ops, attributes, shapes, dtypes, quantization — not names) and the number of copies, so
   the six identical layers of MiniLM are measured once, and a rebuild measures nothing.
@@ -53,11 +56,18 @@ from qcompile.errors import ConfigError, QCompileError
 from qcompile.ir.graph import Graph, Node, Value
 from qcompile.ir.types import DTYPES, TensorType, is_float
 from qcompile.placement.costgraph import INF, Device, Link, Problem
-from qcompile.placement.devices import HOST_TARGETS, DeviceConfig, DeviceSpec, default_link, host_spec
+from qcompile.placement.devices import (
+    HOST_TARGETS,
+    DeviceConfig,
+    DeviceSpec,
+    default_link,
+    host_spec,
+    is_rpc,
+)
 
 __all__ = ["LIGHT_OPS", "HEAVY_OPS", "TRIVIAL_BYTES", "COPY_BYTES", "MAX_COPIES", "MAX_COPY_NODES",
            "MAX_COPY_TENSOR_BYTES", "fused_groups", "Work", "work_of", "storage_bytes", "roofline",
-           "calibrate", "signature", "copies", "replicate", "CostModel", "build_problem"]
+           "calibrate", "signature", "weight_bytes", "copies", "replicate", "CostModel", "build_problem"]
 
 #: ops that start a group whatever feeds them (their kernels are the groups' anchors)
 HEAVY_OPS = frozenset({"linear", "conv", "matmul", "attention", "layer_norm", "rms_norm",
@@ -77,9 +87,11 @@ LIGHT_OPS = frozenset({
 #: a group without a heavy op moving at most this many bytes is modelled, not compiled
 TRIVIAL_BYTES = 1 << 20
 
-#: a measured group is timed as enough copies that their weights (at their stored width)
-#: pass this many bytes, so they stream from memory as in a whole model instead of staying in
-#: the last-level cache (32 MiB on the hosts measured; ``latency.copies`` uses the same bound)
+#: a measured group of a model whose weights (at their stored width) pass this many bytes is
+#: timed as enough copies that theirs pass it too, so they stream from memory as in a run of
+#: the model instead of staying in the last-level cache (32 MiB on the hosts measured;
+#: ``latency.copies`` uses the same bound); a smaller model's groups get copies of about the
+#: model's bytes (:func:`copies`)
 COPY_BYTES = 32 << 20
 
 #: at most this many copies of a group in one timed graph (``latency.copies``' cap) ...
@@ -87,9 +99,10 @@ MAX_COPIES = 64
 #: ... nor more nodes than this in all: the copies are lowered as one graph, and a TVM build
 #: grows with its nodes (a lone group of more nodes is timed once, as it is)
 MAX_COPY_NODES = 256
-#: ... nor more bytes of cloned constant tensors than this (a quantized group's tensors may be
-#: wider than its stored format; a group whose weights alone pass COPY_BYTES gets one copy)
-MAX_COPY_TENSOR_BYTES = 1 << 30
+#: ... nor more bytes of constant tensors than this in all (a quantized group's tensors may be
+#: wider than its stored format: int4 codes held as float32 are 8x; the backend copies them
+#: again while lowering); a group whose weights alone pass COPY_BYTES gets one copy anyway
+MAX_COPY_TENSOR_BYTES = 256 << 20
 
 _VIEWS = frozenset({"reshape", "identity", "expand", "permute", "slice", "select", "shape_of",
                     "concat", "pad", "tile", "take", "gather", "index", "tril", "triu"})
@@ -335,20 +348,38 @@ def _param_names(graph: Graph) -> set[str]:
     return {c for v in graph.values() if v.quant is not None for c in v.quant.constants()}
 
 
-def copies(sub: Graph) -> int:
-    """How many copies of group graph ``sub`` one timed call runs: 1 when it holds no weights
-    (constants other than quantization parameters: nothing for the cache to keep hot, e.g.
-    attention), else enough that their weights pass :data:`COPY_BYTES` (at their stored width,
-    :func:`storage_bytes`: what the kernels stream), capped at :data:`MAX_COPIES`, at
-    :data:`MAX_COPY_NODES` nodes and at :data:`MAX_COPY_TENSOR_BYTES` of cloned tensors so
-    that building and lowering the copies stays fast and small."""
-    params = _param_names(sub)
-    weights = sum(storage_bytes(sub, sub.constant_value(c)) for c in sub.constants if c not in params)
+def weight_bytes(graph: Graph) -> float:
+    """Stored bytes (:func:`storage_bytes`) of ``graph``'s weights: its constants other than
+    quantization parameters (which :func:`storage_bytes` counts with the values they scale)."""
+    params = _param_names(graph)
+    return sum(storage_bytes(graph, graph.constant_value(c)) for c in graph.constants
+               if c not in params)
+
+
+def copies(sub: Graph, model_bytes: float | None = None) -> int:
+    """How many copies of group graph ``sub`` one timed call runs, so that their weights are
+    as cold as in a run of the whole model (of ``model_bytes`` of weights, :func:`weight_bytes`;
+    None: a model past :data:`COPY_BYTES`):
+
+    * 1 when ``sub`` holds no weights (nothing for the cache to keep hot, e.g. attention);
+    * when the model's weights pass :data:`COPY_BYTES`, enough copies that theirs pass it too
+      (``latency.copies``' rule): a real run streams every weight from memory;
+    * otherwise as many copies as hold about the model's bytes: a real run cycles through that
+      working set, which a cache of about its size partly keeps (six 4 MB linears on a 32 MiB
+      L3 run faster than eight); a model that fits the cache gets few copies, or one.
+
+    Capped at :data:`MAX_COPIES`, at :data:`MAX_COPY_NODES` nodes and at
+    :data:`MAX_COPY_TENSOR_BYTES` of cloned tensors, so that building and lowering the copies
+    stays fast and small."""
+    weights = weight_bytes(sub)
     if weights <= 0:
         return 1
+    if model_bytes is None or model_bytes > COPY_BYTES:
+        k = -(-COPY_BYTES // int(max(weights, 1)))
+    else:
+        k = round(model_bytes / weights)
     held = sum(t.numel() * t.element_size() for t in sub.constants.values())
-    k = min(MAX_COPIES, -(-COPY_BYTES // int(max(weights, 1))),
-            MAX_COPY_NODES // max(len(sub.nodes), 1), MAX_COPY_TENSOR_BYTES // max(held, 1))
+    k = min(k, MAX_COPIES, MAX_COPY_NODES // max(len(sub.nodes), 1), MAX_COPY_TENSOR_BYTES // max(held, 1))
     return max(1, int(k))
 
 
@@ -524,11 +555,17 @@ def _example(v: Value, kept: dict) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dt)
 
 
-def _empty_graph() -> Graph:
+def _empty_graph(outputs: int = 1) -> Graph:
+    """A one-element ``neg`` per output, all of one input: an empty call (handing back
+    ``outputs`` tensors)."""
     g = Graph("empty")
     x = g.add_input("x", TensorType((1,), "float32"))
-    g.outputs = [g.add("neg", x)]
+    g.outputs = [g.add("neg", x) for _ in range(outputs)]
     return g
+
+
+#: outputs of the call that times what each output past the first costs
+_OUTPUTS = 9
 
 
 def _timed(ex, args) -> float:
@@ -548,7 +585,28 @@ def _key(d: DeviceConfig, what: dict) -> str:
 
 
 def _empty_overhead(d: DeviceConfig) -> tuple[float, str]:
-    """Seconds of an empty call on ``d`` (a one-element ``neg``), cached; 0 if it cannot run."""
+    """Seconds of an empty call on ``d`` (a one-element ``neg``), cached; 0 if it cannot run.
+    Timed from the host, wall clock, even on a remote device: what a placed run pays to
+    enter a segment there is the RPC round trips (inputs up, the call, outputs down), which
+    the remote's own timer does not see (measured ~3 ms per call on loopback, 2 cores)."""
+    from qcompile.backends import latency
+
+    if not is_rpc(d.target):
+        return _local_empty(d)
+
+    def measure():
+        ex = _backend(d.target).lower(_empty_graph(), d.target, **d.options)
+        return latency.time_call(ex, (torch.zeros(1),), min_time=0.05, rounds=5)
+    try:
+        ms, hit = latency.cached(_key(d, {"empty": True, "wall": True}), measure)
+    except Exception as e:  # e.g. the npu refuses float graphs: no per-call figure
+        warnings.warn(f"device {d.name!r}: could not time an empty call ({e}); assuming 0")
+        return 0.0, "modelled"
+    return ms / 1e3, "cached" if hit else "measured"
+
+
+def _local_empty(d: DeviceConfig) -> tuple[float, str]:
+    """Seconds of an empty call as the device's executable times it (on a remote: there)."""
     from qcompile.backends import latency
 
     def measure():
@@ -560,6 +618,28 @@ def _empty_overhead(d: DeviceConfig) -> tuple[float, str]:
         warnings.warn(f"device {d.name!r}: could not time an empty call ({e}); assuming 0")
         return 0.0, "modelled"
     return ms / 1e3, "cached" if hit else "measured"
+
+
+def _remote_empty(d: DeviceConfig) -> float:
+    """Seconds of an empty call timed on the remote itself (what its group timings include)."""
+    return _local_empty(d)[0]
+
+
+def _output_overhead(d: DeviceConfig, empty: float) -> float:
+    """Seconds each output past the first adds to a call on ``d`` (``empty``: an empty call's
+    seconds), cached; 0 if it cannot be timed. The executable hands each output back (the TVM
+    ones copy it into a torch tensor: ~8 us each on the hosts measured), which a placed run
+    does only where a segment ends; the copies of a group hand back k times its outputs."""
+    from qcompile.backends import latency
+
+    def measure():
+        ex = _backend(d.target).lower(_empty_graph(_OUTPUTS), d.target, **d.options)
+        return 1e3 * _timed(ex, (torch.zeros(1),))
+    try:
+        ms, _ = latency.cached(_key(d, {"empty": True, "outputs": _OUTPUTS}), measure)
+    except Exception:  # the empty call itself failed, or no figure: nothing to take off
+        return 0.0
+    return max(ms / 1e3 - empty, 0.0) / (_OUTPUTS - 1)
 
 
 def _npu_refusals(static: Graph, target: str) -> dict[str, list[str]]:
@@ -649,11 +729,12 @@ def _calib_spec(d: DeviceConfig) -> DeviceSpec | None:
 
 
 def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead: float,
-                    k: int = 1):
+                    k: int = 1, per_output: float = 0.0):
     """(seconds of one copy, "measured" | "cached") for group graph ``sub`` on ``d``: a call
     of ``k`` copies of it (:func:`replicate`), here or on the remote, less the empty-call
-    ``overhead``, divided by ``k``; or why it could not be lowered or run there. The cache
-    holds the time of the whole call (under ``key``, which names ``k``)."""
+    ``overhead`` and ``per_output`` seconds for each output it hands back past the first,
+    divided by ``k``; or why it could not be lowered or run there. The cache holds the time
+    of the whole call (under ``key``, which names ``k``)."""
     from qcompile.backends import latency
 
     def measure() -> float:
@@ -664,7 +745,8 @@ def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead:
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         return f"lowering or timing the group failed: {type(e).__name__}: {first}"
-    return max(ms / 1e3 - overhead, 0.0) / k, "cached" if hit else "measured"
+    extra = (k * len(sub.outputs) - 1) * per_output
+    return max(ms / 1e3 - overhead - extra, 0.0) / k, "cached" if hit else "measured"
 
 
 @dataclass
@@ -679,8 +761,11 @@ class _Build:
     source: dict = field(default_factory=dict)
     refused: dict = field(default_factory=dict)
     runnable: dict = field(default_factory=dict)      # device -> groups it may run
+    model_bytes: float | None = None                  # weight_bytes of the whole graph
     efficiency: dict = field(default_factory=dict)
     overhead: dict = field(default_factory=dict)
+    inner: dict = field(default_factory=dict)
+    per_output: dict = field(default_factory=dict)    # device -> seconds per further output
 
 
 def _mask(b: _Build, devices: list[DeviceConfig]) -> None:
@@ -703,7 +788,12 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
     for d in devices:
         if not d.measure:
             continue
-        b.overhead[d.name], _ = _empty_overhead(d)
+        b.overhead[d.name], how = _empty_overhead(d)
+        # what a group's own timing includes of the call: the wall-clock overhead here, only
+        # the remote's empty kernel call there (its timer starts on the remote)
+        inner = _remote_empty(d) if is_rpc(d.target) else b.overhead[d.name]
+        b.inner[d.name] = inner
+        b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, inner)
         spec = _calib_spec(d)
         todo += [(d, g) for g in b.runnable[d.name]
                  if spec is None or b.work[g].heavy or b.work[g].bytes > TRIVIAL_BYTES]
@@ -718,13 +808,14 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
             bar.set_postfix_str(f"{d.name}: {g}"[:40])
         try:
             sub = extract(b.static, b.groups[g], g)
-            k = copies(sub)
+            k = copies(sub, b.model_bytes)
             key = _key(d, {"group": signature(sub), "copies": k})
         except QCompileError as e:  # pragma: no cover - extracting from a verified graph
             sub, k, key = None, 1, f"extract:{g}"
             memo[key] = f"extracting the group failed: {e}"
         if key not in memo:
-            memo[key] = _measure_cached(d, sub, b.kept, key, b.overhead[d.name], k)
+            memo[key] = _measure_cached(d, sub, b.kept, key, b.inner[d.name], k,
+                                        b.per_output[d.name])
         if isinstance(memo[key], str):
             failed[d.name] = failed.get(d.name, 0) + 1
             b.refused[(g, d.name)] = [f"{g}: {memo[key]}"]
@@ -791,7 +882,7 @@ def build_problem(graph: Graph, devices, links, sample, *, progress: bool = True
     static = _static_copy(graph, shapes, env)
     groups = {nodes[0].name: nodes for nodes in fused_groups(static)}
     b = _Build(static, groups, {g: work_of(static, ns) for g, ns in groups.items()}, kept,
-               cost={g: {} for g in groups})
+               cost={g: {} for g in groups}, model_bytes=weight_bytes(static))
     _mask(b, devices)
     _measure(b, devices, progress)
     _model(b, devices)

@@ -47,11 +47,13 @@ class _Fake(Backend):
         self.targets = (target,)
         self.refuse = set(refuse)
         self.remote_s = remote_s
+        self.lowered = []     # the graphs lower() was given
 
     def supports(self, node):
         return node.op not in self.refuse
 
     def lower(self, graph, target, **options):
+        self.lowered.append(graph)
         ex = Interpreter(graph)
         if self.remote_s is not None:
             secs = self.remote_s
@@ -310,6 +312,122 @@ def test_identical_layers_are_measured_once(timer):
     assert cm.problem.cost("l2.ln2", "reference") == cm.problem.cost("l0.ln2", "reference")
 
 
+# -- copies of a group -----------------------------------------------------------------------
+def _quantized_linear():
+    """An NPU-quantized linear + relu: int8 weight with a per-channel scale, uint16 activations
+    with a static scale and zero point each (the input's, the linear's, the relu's)."""
+    from qcompile.config import QuantConfig
+    from qcompile.passes.pipeline import quantize_graph
+    gen = torch.Generator().manual_seed(0)
+    g = Graph("q")
+    x = g.add_input("x", TensorType((4, 64), "float32"))
+    h = g.add("linear", x, g.add_constant("w", torch.randn(32, 64, generator=gen)),
+              g.add_constant("b", torch.randn(32, generator=gen)), name="fc")
+    g.outputs = [g.add("relu", h, name="act")]
+    cfg = QuantConfig(weights="int8", group_size=None, activations="uint16",
+                      activation_granularity="per_tensor")
+    return quantize_graph(g, cfg, [(torch.randn(4, 64, generator=gen),)], target="npu",
+                          progress=False)[0]
+
+
+def test_replicate_clones_constants_and_quant_parameters():
+    from qcompile.placement.subgraph import extract
+    q = _quantized_linear()
+    sub = extract(q, q.nodes, "grp")
+    assert C.replicate(sub, 1) is sub
+    r = C.replicate(sub, 3)
+    assert r.name == "grp" and [v.name for v in r.inputs] == [v.name for v in sub.inputs]
+    assert [n.op for n in r.nodes] == [n.op for n in sub.nodes] * 3
+    assert len(r.outputs) == 3 * len(sub.outputs)
+    # every constant but the input's own scale and zero point is cloned for each copy
+    x_params = set(sub.inputs[0].quant.constants())
+    assert x_params and x_params <= set(r.constants)
+    assert len(r.constants) == len(x_params) + 3 * (len(sub.constants) - len(x_params))
+    ptrs = {t.data_ptr() for t in r.constants.values()}
+    assert len(ptrs) == len(r.constants)                      # no tensor is shared
+    lins = [n for n in r.nodes if n.op == "linear"]
+    for i, n in enumerate(lins):
+        assert n.inputs[0] is r.inputs[0]                     # all copies read the same input
+        w = n.inputs[1]
+        assert r.is_constant(w) and w.quant is not None
+        assert torch.equal(r.constants[w.name], sub.constants[sub.nodes[0].inputs[1].name])
+        # each copy's specs (weight's and activations') name that copy's own parameters
+        names = set(w.quant.constants()) | set(n.outputs[0].quant.constants())
+        assert names <= set(r.constants) and not names & x_params
+        for m in lins[:i]:
+            assert not names & (set(m.inputs[1].quant.constants()) | set(m.outputs[0].quant.constants()))
+    # the copies compute what the group does
+    xin = torch.randn(4, 64)
+    want = Interpreter(sub)(xin)
+    got = Interpreter(r)(xin)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for i, t in enumerate(got):
+        assert torch.equal(t, want[i % len(want)])
+
+
+def test_copies_follow_the_weight_bytes(monkeypatch):
+    from qcompile.placement.subgraph import extract
+    g = encoder(layers=1)
+    shapes, _, env = C._record(g, (torch.randn(2, 8, 16),))
+    static = C._static_copy(g, shapes, env)
+    groups = {grp[0].name: grp for grp in fused_groups(static)}
+    q = extract(static, groups["l0.q"], "q")                  # 16x16 weight + bias: 1088 B
+    assert C.weight_bytes(q) == 16 * 16 * 4 + 16 * 4
+    assert C.copies(extract(static, groups["l0.attn"], "a")) == 1   # no weights
+    assert C.copies(q, 5 * 1088) == 5                         # a model's worth of bytes
+    assert C.copies(q, 1000) == 1                             # a model as small as the group
+    assert C.copies(q) == C.MAX_COPIES                        # past COPY_BYTES: capped
+    monkeypatch.setattr(C, "MAX_COPY_NODES", 30)
+    assert C.copies(q) == 10                                  # 3 nodes a copy
+    monkeypatch.setattr(C, "COPY_BYTES", 10_000)
+    assert C.copies(q, 20_000) == 10                          # ceil(10000 / 1088): passes it
+    monkeypatch.setattr(C, "MAX_COPY_TENSOR_BYTES", 4 * 1088)
+    assert C.copies(q, 20_000) == 4
+
+
+def test_measured_groups_are_timed_as_copies(mlp_graph, monkeypatch):
+    """One call runs k copies (own weights each); the cost is (call - empty call - handing back
+    the k - 1 further outputs) / k, cached under a key naming k, so a time cached for one copy
+    is not reused."""
+    timed = []
+
+    def fake(fn, args, **kw):   # 0.1 ms a call, 0.01 ms an output past the first, 1 ms a node
+        fn(*args)
+        timed.append(fn.graph)
+        g = fn.graph
+        return 0.1 + 0.01 * (len(g.outputs) - 1) + (0 if g.name == "empty" else len(g.nodes))
+    monkeypatch.setattr(latency, "time_call", fake)
+    monkeypatch.setattr(C, "COPY_BYTES", 800)                # the 848 B model passes it
+    devs, links = parse_devices(["reference"])
+    sample = (torch.randn(3, 8),)
+    # an entry of the old key (no copies) for fc2 must not be taken
+    shapes, _, env = C._record(mlp_graph, sample)
+    static = C._static_copy(mlp_graph, shapes, env)
+    from qcompile.placement.subgraph import extract
+    fc2 = extract(static, [n for n in static.nodes if n.name == "fc2"], "fc2")
+    latency._store(C._key(devs[0], {"group": C.signature(fc2)}), 123.0)
+    cm = build_problem(mlp_graph, devs, links, sample, progress=False)
+    graphs = {g.name: g for g in timed}
+    # fc1: 576 B of weights -> ceil(800 / 576) = 2 copies of linear + relu; fc2: 272 B -> 3
+    assert [n.op for n in graphs["fc1"].nodes] == ["linear", "relu"] * 2
+    assert [n.op for n in graphs["fc2"].nodes] == ["linear"] * 3
+    for name, k in (("fc1", 2), ("fc2", 3)):
+        g = graphs[name]
+        ws = [n.inputs[1] for n in g.nodes if n.op == "linear"]
+        assert len({w.name for w in ws}) == k and len({g.constants[w.name].data_ptr() for w in ws}) == k
+        assert len(g.outputs) == k
+        assert cm.source[(name, "reference")] == "measured"
+        assert cm.problem.cost(name, "reference") == pytest.approx(len(g.nodes) / k * 1e-3)
+    assert cm.overhead["reference"] == pytest.approx(0.1e-3)
+    # the roofline calibration fits one copy's time
+    from qcompile.placement.devices import host_spec
+    pairs = [(cm.work[g], cm.problem.cost(g, "reference")) for g in ("fc1", "fc2")]
+    assert cm.efficiency["reference"] == pytest.approx(calibrate(host_spec(), pairs))
+    again = build_problem(mlp_graph, devs, links, sample, progress=False)
+    assert set(again.source.values()) == {"cached"}
+    assert again.problem.cost("fc2", "reference") == cm.problem.cost("fc2", "reference")
+
+
 def test_refused_nodes_get_inf_and_reasons(mlp_graph, fake_backend, timer):
     fake_backend("norelu", refuse={"relu"})
     devs, links = parse_devices(["norelu", "reference"])
@@ -341,10 +459,16 @@ def test_lowering_failures_keep_the_group_off(mlp_graph, fake_backend, timer, mo
 
 
 def test_remote_executables_time_themselves(mlp_graph, fake_backend, timer):
-    fake_backend("remote", remote_s=(2e-3, 5e-4))   # (a group, an empty call)
+    be = fake_backend("remote", remote_s=(2e-3, 5e-4))   # (a call, an empty call)
     devs, links = parse_devices(["remote"])
     cm = build_problem(mlp_graph, devs, links, (torch.randn(3, 8),), progress=False)
-    assert cm.problem.cost("fc2", "remote") == pytest.approx(1.5e-3)
+    # the remote times the same copies as a local device: fc2 (272 B of weights in an 848 B
+    # model) as 3 copies in one call, fc1 (576 B) alone
+    timed = {g.name: g for g in be.lowered}
+    assert [n.op for n in timed["fc2"].nodes] == ["linear"] * 3
+    assert [n.op for n in timed["fc1"].nodes] == ["linear", "relu"]
+    assert cm.problem.cost("fc2", "remote") == pytest.approx(1.5e-3 / 3)
+    assert cm.problem.cost("fc1", "remote") == pytest.approx(1.5e-3)
     assert cm.overhead["remote"] == pytest.approx(5e-4)
     assert timer == []  # nothing timed here
 
