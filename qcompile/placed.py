@@ -33,6 +33,17 @@ __all__ = ["PlacedExecutable", "PlacedModel", "lower_segments", "load_placed", "
 PLAN_FILE = "plan.json"
 
 
+def _segment_graph(graph: Graph, s: Segment, by_name: dict) -> Graph:
+    """The segment's subgraph; its inputs and outputs must be the segment's, in its order
+    (the executor feeds it by position)."""
+    sub = extract(graph, [by_name[n] for n in s.nodes], s.name)
+    got = ([v.name for v in sub.inputs], [v.name for v in sub.outputs])
+    if got != (list(s.inputs), list(s.outputs)):
+        raise ArtifactError(f"segment {s.name} reads/writes {got}, but the plan lists "
+                            f"{(s.inputs, s.outputs)}", hint="rebuild the placed model")
+    return sub
+
+
 def lower_segments(graph: Graph, segments: list[Segment], devices: dict, *, progress: bool = False):
     """Each segment's subgraph lowered by its device's backend: ``[(subgraph, executable)]``."""
     from qcompile.backends import get_backend
@@ -44,7 +55,7 @@ def lower_segments(graph: Graph, segments: list[Segment], devices: dict, *, prog
     by_name = {n.name: n for n in graph.nodes}
     for s in it:
         d = devices[s.device]
-        sub = extract(graph, [by_name[n] for n in s.nodes], s.name)
+        sub = _segment_graph(graph, s, by_name)
         ex = get_backend(d.target).lower(sub, d.target, **dict(d.options))
         out.append((sub, ex))
     return out
@@ -208,7 +219,7 @@ def load_placed(directory: Path, graph: Graph, manifest: dict, files: dict[str, 
     exes = []
     for s in segments:
         d = devices[s.device]
-        sub = extract(graph, [by_name[n] for n in s.nodes], s.name)
+        sub = _segment_graph(graph, s, by_name)
         prefix = s.name + "."
         mine = {f[len(prefix):]: b for f, b in files.items() if f.startswith(prefix)}
         exes.append(get_backend(d.target).load(sub, d.target, mine))

@@ -172,9 +172,11 @@ def partition(graph: Graph, assignment: dict[str, str], order: list[str] | None 
                 done.add(t)
                 break
     out = []
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
     for i, t in enumerate(topo):
-        nodes = [by_name[x] for x in seg_nodes[t]]
+        # graph order, as extract() uses: the boundary's order is the subgraph's input order
+        nodes = sorted((by_name[x] for x in seg_nodes[t]), key=lambda n: index[n.name])
         ins, outs = boundary(graph, nodes)
-        out.append(Segment(f"seg{i}_{seg_dev[t]}", seg_dev[t], list(seg_nodes[t]),
+        out.append(Segment(f"seg{i}_{seg_dev[t]}", seg_dev[t], [n.name for n in nodes],
                            [v.name for v in ins], [v.name for v in outs]))
     return out

@@ -29,8 +29,8 @@ def _diamond() -> Graph:
     return g
 
 
-def _run_segments(g: Graph, segments, x):
-    env = {g.inputs[0].name: x}
+def _run_segments(g: Graph, segments, *xs):
+    env = {v.name: x for v, x in zip(g.inputs, xs)}
     by_name = {n.name: n for n in g.nodes}
     for s in segments:
         sub = extract(g, [by_name[n] for n in s.nodes], s.name)
@@ -117,3 +117,20 @@ def test_partition_keeps_one_segment_per_device_on_a_chain():
     g = _diamond()
     segs = partition(g, dict.fromkeys([n.name for n in g.nodes], "p"))
     assert len(segs) == 1 and segs[0].inputs == ["x"] and segs[0].outputs == ["c", "e"]
+
+
+def test_segment_inputs_follow_the_subgraph_whatever_the_schedule_order():
+    """Two inputs of one shape, first used in one order in the graph and scheduled in the
+    other: the segment must list them as its subgraph takes them (a swap went unnoticed
+    once, feeding a mask as token ids)."""
+    g = Graph("two_inputs")
+    a = g.add_input("a", TensorType((3,), "float32"))
+    b = g.add_input("b", TensorType((3,), "float32"))
+    ua = g.add("tanh", a, name="ua")
+    ub = g.add("relu", b, name="ub")
+    g.outputs = [g.add("sub", ua, ub, name="out")]
+    segs = partition(g, dict.fromkeys(["ua", "ub", "out"], "p"), order=["ub", "ua", "out"])
+    sub = extract(g, [n for n in g.nodes], "s")
+    assert segs[0].inputs == [v.name for v in sub.inputs] == ["a", "b"]
+    x, y = torch.randn(3), torch.randn(3)
+    torch.testing.assert_close(_run_segments(g, segs, x, y)[0], run_graph(g, x, y)[0])
