@@ -568,11 +568,12 @@ def _empty_graph(outputs: int = 1) -> Graph:
 _OUTPUTS = 9
 
 
-def _timed(ex, args) -> float:
-    """Seconds per call of executable ``ex``: on the remote when it times itself there."""
+def _timed(ex, args, *, wall: bool = False) -> float:
+    """Seconds per call of executable ``ex``: on the remote when it times itself there,
+    unless ``wall`` (then the host's wall clock, RPC round trips included)."""
     from qcompile.backends import latency
     remote = getattr(ex, "time_remote", None)
-    if callable(remote):  # seconds per run, one sample per repeat
+    if callable(remote) and not wall:  # seconds per run, one sample per repeat
         samples = remote(args, number=10, repeat=5)
         return float(statistics.median(samples if isinstance(samples, (list, tuple)) else [samples]))
     return latency.time_call(ex, args, min_time=0.05, rounds=5) / 1e3
@@ -620,11 +621,6 @@ def _local_empty(d: DeviceConfig) -> tuple[float, str]:
     return ms / 1e3, "cached" if hit else "measured"
 
 
-def _remote_empty(d: DeviceConfig) -> float:
-    """Seconds of an empty call timed on the remote itself (what its group timings include)."""
-    return _local_empty(d)[0]
-
-
 def _output_overhead(d: DeviceConfig, empty: float) -> float:
     """Seconds each output past the first adds to a call on ``d`` (``empty``: an empty call's
     seconds), cached; 0 if it cannot be timed. The executable hands each output back (the TVM
@@ -632,11 +628,13 @@ def _output_overhead(d: DeviceConfig, empty: float) -> float:
     does only where a segment ends; the copies of a group hand back k times its outputs."""
     from qcompile.backends import latency
 
+    wall = is_rpc(d.target)
+
     def measure():
         ex = _backend(d.target).lower(_empty_graph(_OUTPUTS), d.target, **d.options)
-        return 1e3 * _timed(ex, (torch.zeros(1),))
+        return 1e3 * _timed(ex, (torch.zeros(1),), wall=wall)
     try:
-        ms, _ = latency.cached(_key(d, {"empty": True, "outputs": _OUTPUTS}), measure)
+        ms, _ = latency.cached(_key(d, {"empty": True, "outputs": _OUTPUTS, "wall": wall}), measure)
     except Exception:  # the empty call itself failed, or no figure: nothing to take off
         return 0.0
     return max(ms / 1e3 - empty, 0.0) / (_OUTPUTS - 1)
@@ -739,7 +737,10 @@ def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead:
 
     def measure() -> float:
         ex = _backend(d.target).lower(replicate(sub, k), d.target, **d.options)
-        return 1e3 * _timed(ex, tuple(_example(v, kept) for v in sub.inputs))
+        # a remote's group is timed from here: what a call costs besides the kernels grows
+        # with its arguments (each resident parameter handle crosses the RPC link: 24 MB in 13
+        # params added ~0.5 ms per call on loopback), which the remote's own timer misses
+        return 1e3 * _timed(ex, tuple(_example(v, kept) for v in sub.inputs), wall=is_rpc(d.target))
     try:
         ms, hit = latency.cached(key, measure)
     except Exception as e:
@@ -791,7 +792,7 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
         b.overhead[d.name], how = _empty_overhead(d)
         # what a group's own timing includes of the call: the wall-clock overhead here, only
         # the remote's empty kernel call there (its timer starts on the remote)
-        inner = _remote_empty(d) if is_rpc(d.target) else b.overhead[d.name]
+        inner = b.overhead[d.name]  # rpc: both timed from here, on the wall clock
         b.inner[d.name] = inner
         b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, inner)
         spec = _calib_spec(d)
@@ -809,7 +810,8 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
         try:
             sub = extract(b.static, b.groups[g], g)
             k = copies(sub, b.model_bytes)
-            key = _key(d, {"group": signature(sub), "copies": k})
+            wall = {"wall": True} if is_rpc(d.target) else {}
+            key = _key(d, {"group": signature(sub), "copies": k, **wall})
         except QCompileError as e:  # pragma: no cover - extracting from a verified graph
             sub, k, key = None, 1, f"extract:{g}"
             memo[key] = f"extracting the group failed: {e}"
