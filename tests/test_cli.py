@@ -171,3 +171,32 @@ def test_info_with_an_invalid_isa_cap_is_a_clean_error(capsys, monkeypatch):
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert "ConfigError" in err and "QCOMPILE_ISA='avx9000'" in err and "Traceback" not in err
+
+
+def test_build_across_devices_prints_the_plan_and_takes_pins_back(tmp_path, capsys):
+    """`--target cpu,reference` places the model, prints the plan and writes plan.json; the
+    plan with a pin edited goes back in with --plan; a bad plan fails before any build."""
+    pytest.importorskip("tvm")
+    art = tmp_path / "art"
+    assert main(["build", "qcompile.zoo:mlp", "--target", "cpu,reference", "-o", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "placement:" in out and "lower bound" in out and "baselines:" in out
+    plan = json.loads((art / "plan.json").read_text())
+    assert {d["name"] for d in plan["devices"]} == {"cpu", "reference"}
+    plan["pins"] = {"*": "reference"}
+    (tmp_path / "pinned.json").write_text(json.dumps(plan))
+    art2 = tmp_path / "art2"
+    assert main(["build", "qcompile.zoo:mlp", "--target", "cpu,reference", "-o", str(art2),
+                 "--plan", str(tmp_path / "pinned.json")]) == 0
+    loaded = qcompile.load(art2)
+    assert set(loaded.plan_assignment().values()) == {"reference"}
+    model, (x,), _ = mlp()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    (tmp_path / "bad.json").write_text(json.dumps({"pins": {"*": "gpu"}, "oops": 1}))
+    capsys.readouterr()
+    assert main(["build", "qcompile.zoo:mlp", "--target", "cpu,reference", "-o", str(tmp_path / "c"),
+                 "--plan", str(tmp_path / "bad.json")]) != 0
+    captured = capsys.readouterr()
+    assert "unknown plan keys" in captured.err and "placement costs" not in captured.err
+    assert not (tmp_path / "c").exists()
