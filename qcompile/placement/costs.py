@@ -568,6 +568,16 @@ def _empty_graph(outputs: int = 1) -> Graph:
 _OUTPUTS = 9
 
 
+def _cached(d: DeviceConfig, key: str, measure) -> tuple[float, bool]:
+    """The per-machine latency cache, except for remote devices: an ``rpc://host:port`` names
+    a server, not a board (a loopback port is reused by the next server started), and a
+    remote's load changes between builds, so remote groups are measured at every build."""
+    from qcompile.backends import latency
+    if is_rpc(d.target):
+        return float(measure()), False
+    return latency.cached(key, measure)
+
+
 def _timed(ex, args, *, wall: bool = False) -> float:
     """Seconds per call of executable ``ex``: on the remote when it times itself there,
     unless ``wall`` (then the host's wall clock, RPC round trips included)."""
@@ -599,7 +609,7 @@ def _empty_overhead(d: DeviceConfig) -> tuple[float, str]:
         ex = _backend(d.target).lower(_empty_graph(), d.target, **d.options)
         return latency.time_call(ex, (torch.zeros(1),), min_time=0.05, rounds=5)
     try:
-        ms, hit = latency.cached(_key(d, {"empty": True, "wall": True}), measure)
+        ms, hit = _cached(d, _key(d, {"empty": True, "wall": True}), measure)
     except Exception as e:  # e.g. the npu refuses float graphs: no per-call figure
         warnings.warn(f"device {d.name!r}: could not time an empty call ({e}); assuming 0")
         return 0.0, "modelled"
@@ -626,7 +636,6 @@ def _output_overhead(d: DeviceConfig, empty: float) -> float:
     seconds), cached; 0 if it cannot be timed. The executable hands each output back (the TVM
     ones copy it into a torch tensor: ~8 us each on the hosts measured), which a placed run
     does only where a segment ends; the copies of a group hand back k times its outputs."""
-    from qcompile.backends import latency
 
     wall = is_rpc(d.target)
 
@@ -634,7 +643,7 @@ def _output_overhead(d: DeviceConfig, empty: float) -> float:
         ex = _backend(d.target).lower(_empty_graph(_OUTPUTS), d.target, **d.options)
         return 1e3 * _timed(ex, (torch.zeros(1),), wall=wall)
     try:
-        ms, _ = latency.cached(_key(d, {"empty": True, "outputs": _OUTPUTS, "wall": wall}), measure)
+        ms, _ = _cached(d, _key(d, {"empty": True, "outputs": _OUTPUTS, "wall": wall}), measure)
     except Exception:  # the empty call itself failed, or no figure: nothing to take off
         return 0.0
     return max(ms / 1e3 - empty, 0.0) / (_OUTPUTS - 1)
@@ -733,7 +742,6 @@ def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead:
     ``overhead`` and ``per_output`` seconds for each output it hands back past the first,
     divided by ``k``; or why it could not be lowered or run there. The cache holds the time
     of the whole call (under ``key``, which names ``k``)."""
-    from qcompile.backends import latency
 
     def measure() -> float:
         ex = _backend(d.target).lower(replicate(sub, k), d.target, **d.options)
@@ -742,7 +750,7 @@ def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead:
         # params added ~0.5 ms per call on loopback), which the remote's own timer misses
         return 1e3 * _timed(ex, tuple(_example(v, kept) for v in sub.inputs), wall=is_rpc(d.target))
     try:
-        ms, hit = latency.cached(key, measure)
+        ms, hit = _cached(d, key, measure)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         return f"lowering or timing the group failed: {type(e).__name__}: {first}"

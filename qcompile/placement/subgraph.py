@@ -121,9 +121,12 @@ def partition(graph: Graph, assignment: dict[str, str], order: list[str] | None 
 
     Nodes are visited in ``order`` (node names, a topological order of ``graph`` — the plan's
     start order, so segments follow the schedule; default: the graph's order). A node joins
-    the open segment of its device when every input produced on another segment comes from a
-    segment that does not itself depend on that open segment; otherwise it opens a new one.
-    The segment graph is acyclic by construction."""
+    the open segment of its device when every input it takes from another segment comes
+    from one that segment already waits for; otherwise it opens a new one. A segment is one
+    call that starts once all its inputs are there, so joining a node with a new
+    cross-device input would hold back the nodes before it (two towers on two devices
+    joined at a head would run one after the other). The segment graph is acyclic by
+    construction."""
     by_name = {n.name: n for n in graph.nodes}
     missing = [n for n in by_name if n not in assignment]
     if missing:
@@ -143,10 +146,8 @@ def partition(graph: Graph, assignment: dict[str, str], order: list[str] | None 
         preds = {seg_of[producer[id(v)]] for v in n.inputs
                  if v is not None and id(v) in producer}
         s = open_seg.get(d)
-        if s is not None and all(p == s or s not in seg_anc[p] for p in preds):
+        if s is not None and all(p == s or p in seg_anc[s] for p in preds):
             seg_nodes[s].append(name)
-            for p in preds - {s}:
-                seg_anc[s] |= seg_anc[p] | {p}
         else:
             s = len(seg_nodes)
             seg_nodes.append([name])
