@@ -100,6 +100,7 @@ class Placement:
                 "predicted_ms": 1e3 * p.makespan, "lower_bound_ms": 1e3 * p.lower_bound,
                 "gap": p.gap, "segments": len(self.segments),
                 "baselines_ms": {k: 1e3 * b.makespan for k, b in self.baselines.items()},
+                **({"period_ms": 1e3 * p.info["period"]} if "period" in p.info else {}),
                 **({"pins": dict(self.pins)} if self.pins else {})}
 
     def format(self) -> str:
@@ -160,7 +161,8 @@ def read_plan_file(spec) -> dict:
     if not isinstance(spec, dict):
         raise ConfigError(f"a plan is a dict or a JSON file path, got {type(spec).__name__}")
     unknown = set(spec) - {"plan_version", "devices", "pins", "solve", "assignment", "groups",
-                           "predicted", "segments", "solver", "time_limit"}
+                           "predicted", "segments", "solver", "time_limit", "objective",
+                           "contiguous"}
     if unknown:
         raise ConfigError(f"unknown plan keys {sorted(unknown)}",
                           hint="a plan has 'pins' {pattern: device}, 'assignment', 'solve', "
@@ -257,8 +259,17 @@ def place(graph: Graph, devices, links, sample, *, plan=None, solver: str | None
     problem, groups = cm.problem, cm.groups
     pins = dict(spec.get("pins", {}))
     pinned = apply_pins(problem, groups, graph, pins)
+    objective = spec.get("objective", "latency")
+    if objective not in ("latency", "throughput"):
+        raise ConfigError(f"unknown placement objective {objective!r}",
+                          hint="'latency' (one input, the makespan) or 'throughput' (the "
+                               "pipelined period: the busiest device or link)")
     if spec.get("solve", True) is False:
         best = _fixed_plan(pinned, spec.get("assignment", {}))
+    elif objective == "throughput":
+        from qcompile.placement import throughput
+        best = throughput.solve(pinned, contiguous=bool(spec.get("contiguous", False)),
+                                time_limit=time_limit)
     else:
         best = solve_problem(pinned, solver, time_limit)
     baselines = _baselines(problem)

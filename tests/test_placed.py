@@ -191,3 +191,18 @@ def test_bad_device_sets_fail_before_any_work(tiny_mlp):
                          example_inputs=(x,), progress=False)
     with pytest.raises(ConfigError, match="placement= applies to multi-device"):
         qcompile.compile(tiny_mlp, "cpu", example_inputs=(x,), placement={"pins": {}})
+
+
+def test_the_throughput_objective_balances_devices(mlp_graph):
+    """With ``objective: throughput`` the plan minimises the busiest device's load (the
+    pipelined period), not one input's latency: two equal devices split the work."""
+    costs = {"fc1": {"ref": 1.0, "cpu": 1.0}, "act": {"ref": 0.1, "cpu": 0.1},
+             "fc2": {"ref": 1.0, "cpu": 1.0}}
+    devices = [_dev("ref", "reference"), _dev("cpu", "cpu")]
+    _, lat = _placed(mlp_graph, costs, devices)
+    assert len(set(lat.assignment.values())) == 1          # latency: no reason to move
+    _, thr = _placed(mlp_graph, costs, devices, plan={"objective": "throughput"})
+    assert thr.assignment["fc1"] != thr.assignment["fc2"]    # period 1.1, not 2.1
+    assert thr.report()["period_ms"] == pytest.approx(1100.0)
+    with pytest.raises(ConfigError, match="unknown placement objective"):
+        _placed(mlp_graph, costs, devices, plan={"objective": "energy"})
