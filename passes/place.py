@@ -84,6 +84,8 @@ class Placement:
     segments: list[Segment]
     pins: dict[str, str] = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    #: the build's measured check of the plan against the best single device (None: none ran)
+    verified: dict | None = None
 
     @property
     def device_names(self) -> list[str]:
@@ -101,7 +103,8 @@ class Placement:
                 "gap": p.gap, "segments": len(self.segments),
                 "baselines_ms": {k: 1e3 * b.makespan for k, b in self.baselines.items()},
                 **({"period_ms": 1e3 * p.info["period"]} if "period" in p.info else {}),
-                **({"pins": dict(self.pins)} if self.pins else {})}
+                **({"pins": dict(self.pins)} if self.pins else {}),
+                **({"verified": dict(self.verified)} if self.verified else {})}
 
     def format(self) -> str:
         """A few lines for people: devices, predicted latency, bound, gap, solver, baselines."""
@@ -115,6 +118,10 @@ class Placement:
                      f"in {r['solve_s']:.2f} s, {r['segments']} segments")
         if r["baselines_ms"]:
             lines.append("  baselines: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["baselines_ms"].items()))
+        if self.verified:
+            v = self.verified
+            lines.append(f"  measured: plan {v['plan_ms']:.3f} ms, {v['single_device']} alone "
+                         f"{v['single_device_ms']:.3f} ms -> kept the {v['kept'].replace('_', ' ')}")
         return "\n".join(lines)
 
     # -- the editable plan file -----------------------------------------------------------
@@ -138,7 +145,8 @@ class Placement:
                               "solver": p.solver, "status": p.status, "solve_s": p.solve_s,
                               "start": {g: p.start[g] for g in self.problem.order},
                               "finish": {g: p.finish[g] for g in self.problem.order},
-                              "baselines_s": {k: b.makespan for k, b in self.baselines.items()}},
+                              "baselines_s": {k: b.makespan for k, b in self.baselines.items()},
+                              **({"verified": dict(self.verified)} if self.verified else {})},
                 "segments": [s.to_json() for s in self.segments]}
 
     def save_json(self, path) -> Path:
@@ -162,7 +170,7 @@ def read_plan_file(spec) -> dict:
         raise ConfigError(f"a plan is a dict or a JSON file path, got {type(spec).__name__}")
     unknown = set(spec) - {"plan_version", "devices", "pins", "solve", "assignment", "groups",
                            "predicted", "segments", "solver", "time_limit", "objective",
-                           "contiguous"}
+                           "contiguous", "verify"}
     if unknown:
         raise ConfigError(f"unknown plan keys {sorted(unknown)}",
                           hint="a plan has 'pins' {pattern: device}, 'assignment', 'solve', "

@@ -204,4 +204,9 @@ def _compile_placed(model, target, *, example_inputs, config, calibration, label
     lowered = lower_segments(graph, pl.segments, by_name, progress=progress)
     timings["lower_s"] = time.perf_counter() - t0
     ex = PlacedExecutable(graph, pl.segments, [e for _, e in lowered], by_name)
+    if read_plan_file(placement).get("verify", True) if placement is not None else True:
+        from qcompile.placed import verify_plan
+        t0 = time.perf_counter()
+        ex, pl, _ = verify_plan(graph, pl, ex, sample, by_name)
+        timings["verify_s"] = time.perf_counter() - t0
     return PlacedModel(graph, ex, placement=pl, config=config, timings=timings)

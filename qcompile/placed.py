@@ -135,6 +135,43 @@ class PlacedExecutable:
             pass
 
 
+def verify_plan(graph: Graph, placement, ex: PlacedExecutable, sample: tuple, devices: dict, *,
+                rounds: int = 7):
+    """Time the placed executable against the best single device's, round-robin (``rounds``
+    rounds, medians), and keep the faster: ``(executable, placement, record)``. Only when
+    the plan spans several devices, all of them measured here or on a remote (a modelled
+    device — the npu in QNN's simulator, a cuda with no GPU — cannot be timed for real).
+    The cost model treats devices as independent; where they share cores (a host `cpu` and
+    pinned RPC servers on one small machine) a mixed plan can lose, and this catches it."""
+    from qcompile.backends import latency
+    from qcompile.placement.subgraph import partition
+    used = {s.device for s in ex.segments}
+    single = placement.baselines.get("single_device")
+    if len(used) < 2 or single is None or not all(getattr(d, "measure", False)
+                                                  for d in devices.values()):
+        return ex, placement, None
+    nodes = {n: single.assignment[g] for g, ns in placement.groups.items() for n in ns}
+    segs = partition(graph, nodes)
+    alt = PlacedExecutable(graph, segs, [e for _, e in lower_segments(graph, segs, devices)], devices)
+    t_plan, t_single = [], []
+    for _ in range(rounds):
+        t_plan.append(latency.time_call(ex, sample, rounds=1, min_time=0.05))
+        t_single.append(latency.time_call(alt, sample, rounds=1, min_time=0.05))
+    med = sorted(t_plan)[rounds // 2], sorted(t_single)[rounds // 2]
+    record = {"plan_ms": med[0], "single_device_ms": med[1],
+              "single_device": sorted(set(nodes.values()))[0],
+              "kept": "plan" if med[0] <= med[1] else "single_device"}
+    if med[0] <= med[1]:
+        alt.close()
+        placement.verified = record
+        return ex, placement, record
+    ex.close()
+    placement.plan, placement.assignment, placement.segments = single, nodes, segs
+    placement.verified = record
+    graph.meta["placement"] = dict(nodes)
+    return alt, placement, record
+
+
 class PlacedModel(CompiledModel):
     """A model placed across devices: ``placement`` is the solved :class:`passes.place.Placement`
     (None when loaded: ``plan`` is the saved plan dict)."""

@@ -206,3 +206,34 @@ def test_the_throughput_objective_balances_devices(mlp_graph):
     assert thr.report()["period_ms"] == pytest.approx(1100.0)
     with pytest.raises(ConfigError, match="unknown placement objective"):
         _placed(mlp_graph, costs, devices, plan={"objective": "energy"})
+
+
+def test_a_mixed_plan_that_measures_slower_than_one_device_is_replaced(mlp_graph, monkeypatch):
+    """The build times the plan against the best single device (round-robin) and keeps the
+    faster: devices sharing cores can make a predicted win a measured loss."""
+    from qcompile.backends import latency
+    from qcompile.placed import verify_plan
+    costs = {"fc1": {"ref": 1.0, "cpu": 0.1}, "act": {"ref": 0.01, "cpu": INF},
+             "fc2": {"ref": 1.0, "cpu": 0.1}}
+    devices = [_dev("ref", "reference"), _dev("cpu", "cpu")]
+    for d in devices:
+        d.measure = True
+    by_name = {d.name: d for d in devices}
+    x = torch.randn(3, 8)
+    for slow_plan, kept in ((True, "single_device"), (False, "plan")):
+        cm, pl = _placed(mlp_graph, costs, devices)
+        assert len({s.device for s in pl.segments}) == 2
+        monkeypatch.setattr(latency, "time_call", lambda fn, args, **kw: (
+            (5.0 if slow_plan else 1.0) if fn is cm._exec else 2.0))
+        ex, pl2, rec = verify_plan(mlp_graph, pl, cm._exec, (x,), by_name)
+        assert rec["kept"] == kept and pl2.verified == rec
+        if kept == "single_device":
+            assert {s.device for s in pl2.segments} == {"ref"} and ex is not cm._exec
+            assert set(mlp_graph.meta["placement"].values()) == {"ref"}
+        else:
+            assert ex is cm._exec
+        torch.testing.assert_close(ex(x)[0], run_graph(mlp_graph, x)[0], rtol=1e-5, atol=1e-6)
+        assert "measured: plan" in pl2.format()
+    devices[0].measure = False  # a modelled device cannot be timed: no check
+    cm, pl = _placed(mlp_graph, costs, devices)
+    assert verify_plan(mlp_graph, pl, cm._exec, (x,), by_name)[2] is None
