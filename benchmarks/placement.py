@@ -281,29 +281,33 @@ def part_real(host: bool = True) -> dict:
         print(cm.placement.format(), flush=True)
         out = cm(x)
         err = float((out - ref).norm() / ref.norm())
-        measured = _time(cm.run, (x,))
-        cm.run(x)
-        timeline = cm.timeline
-        rows = [{"plan": "qcompile", "predicted_ms": 1e3 * cm.placement.plan.makespan,
-                 "measured_ms": 1e3 * measured}]
+        runs = [("qcompile", cm.placement.plan.makespan, cm.run, None)]
         for name, plan in cm.placement.baselines.items():
-            ex = _executable_for(cm, plan.assignment)
-            rows.append({"plan": name, "predicted_ms": 1e3 * plan.makespan,
-                         "measured_ms": 1e3 * _time(ex, (x,)),
-                         "devices_used": sorted(set(plan.assignment.values()))})
-            ex.close()
-        # every single device, measured
-        for d in cm.placement.device_names:
+            runs.append((name, plan.makespan, _executable_for(cm, plan.assignment),
+                         sorted(set(plan.assignment.values()))))
+        from qcompile.passes.place import _fixed_plan
+        for d in cm.placement.device_names:  # every single device
+            fixed = {g: d for g in cm.placement.problem.order}
             try:
-                from qcompile.passes.place import _fixed_plan
-                fixed = {g: d for g in cm.placement.problem.order}
                 plan = _fixed_plan(cm.placement.problem, fixed)
             except qcompile.QCompileError:
                 continue
-            ex = _executable_for(cm, fixed)
-            rows.append({"plan": f"only {d}", "predicted_ms": 1e3 * plan.makespan,
-                         "measured_ms": 1e3 * _time(ex, (x,))})
-            ex.close()
+            runs.append((f"only {d}", plan.makespan, _executable_for(cm, fixed), [d]))
+        # round-robin, so the VM's drift touches every plan alike
+        from qcompile.backends.latency import time_call
+        times = [[] for _ in runs]
+        for _ in range(9):
+            for (_, _, fn, _), ts in zip(runs, times):
+                ts.append(time_call(fn, (x,), rounds=1, min_time=0.05))
+        rows = []
+        for (name, pred, fn, used), ts in zip(runs, times):
+            rows.append({"plan": name, "predicted_ms": 1e3 * pred,
+                         "measured_ms": sorted(ts)[len(ts) // 2],
+                         **({"devices_used": used} if used else {})})
+            if hasattr(fn, "close"):
+                fn.close()
+        cm.run(x)
+        timeline = cm.timeline
         png = RESULTS / f"placement_gantt_{'3' if host else '2'}dev.png"
         cm.gantt(png)
     for r in rows:
