@@ -100,7 +100,9 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
     ``passes/place.py`` on the device that minimises the predicted latency and the result is
     a :class:`qcompile.placed.PlacedModel`. ``placement`` is a plan dict or the path of a
     ``plan.json`` a previous build wrote, with pins edited (``{"pins": {"encoder.*": "cpu"}}``),
-    or solver options (``{"solver": "milp", "time_limit": 30}``)."""
+    or solver options (``{"solver": "milp", "time_limit": 30}``, ``{"objective":
+    "throughput"}``, ``{"verify": False}``). ``progress`` shows progress bars (quantization,
+    placement costs, lowering)."""
     from qcompile.backends import get_backend
     if _is_multi(target):
         return _compile_placed(model, target, example_inputs=example_inputs, config=config,
@@ -131,7 +133,7 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
         t0 = time.perf_counter()
         graph = graph.clone() if graph is model else graph
         graph, records = quantize_graph(graph, config, calibration, labels=labels,
-                                        target=target)
+                                        target=target, progress=progress)
         timings["quantize_s"] = time.perf_counter() - t0
         timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
     t0 = time.perf_counter()
