@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 import warnings
 from pathlib import Path
 
-import networkx as nx
 import torch
 from _common import ROOT, machine, provenance, table
 
@@ -37,6 +35,7 @@ import qcompile
 from qcompile import zoo
 from qcompile.placement import bound, heuristics, milp
 from qcompile.placement.costgraph import Problem
+from qcompile.placement.synthetic import fork_join_chain
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -176,49 +175,9 @@ def part_solvers(quick: bool, milp_limit: float) -> list[dict]:
 
 
 # -- part 2: scale --------------------------------------------------------------------------------
-def synthetic(n_blocks: int = 25, block: int = 20, devices: int = 4, seed: int = 0) -> Problem:
-    """``n_blocks`` blocks of ``block`` nodes: an entry, two parallel branches, a join; each
-    node a random cost per device (some devices refuse some ops), edges of random size."""
-    rng = random.Random(seed)
-    names = [f"d{i}" for i in range(devices)]
-    g = nx.DiGraph()
-    prev = None
-    k = 0
-    for _ in range(n_blocks):
-        entry = f"n{k}"
-        k += 1
-        g.add_node(entry)
-        if prev is not None:
-            g.add_edge(prev, entry)
-        half = (block - 2) // 2
-        tails = []
-        for _ in range(2):
-            last = entry
-            for _ in range(half):
-                v = f"n{k}"
-                k += 1
-                g.add_edge(last, v)
-                last = v
-            tails.append(last)
-        join = f"n{k}"
-        k += 1
-        for t in tails:
-            g.add_edge(t, join)
-        prev = join
-    for v in g.nodes:
-        base = rng.uniform(1e-4, 1e-3)
-        g.nodes[v]["cost"] = {d: (base * rng.uniform(0.3, 3.0) if (i == 0 or rng.random() > 0.1)
-                                  else float("inf")) for i, d in enumerate(names)}
-    for u, v in g.edges:
-        g.edges[u, v]["bytes"] = rng.uniform(1e3, 1e6)
-    from qcompile.placement.costgraph import Link
-    links = {(a, b): Link(2e-5, 1e10) for a in names for b in names if a != b}
-    return Problem(g, names, links)
-
-
 def part_scale() -> dict:
     from qcompile.placement import split
-    p = synthetic()
+    p = fork_join_chain()
     t0 = time.perf_counter()
     plan = split.solve(p)
     t = time.perf_counter() - t0

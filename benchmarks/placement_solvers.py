@@ -6,7 +6,7 @@ Part 1, same instances for every solver, each under ``--time-limit`` seconds:
 - random layered DAGs of 10–40 nodes on 3–4 devices (a CPU that runs everything, GPUs and
   an NPU that each miss ~20% of the ops), edges carrying 0–4 kB over links of 0.2 s +
   bytes/2 kB/s (transfers as long as the ops), seeds fixed;
-- transformer-like block chains (``tests/placement/test_split.py::transformer_chain``,
+- transformer-like block chains (``qcompile.placement.synthetic.transformer_chain``,
   18-node blocks) of 1–2 blocks on 3–4 devices.
 
 Solvers: HiGHS through ``scipy.optimize.milp`` (its MIP search is single-threaded), CP-SAT
@@ -32,16 +32,13 @@ import json
 import math
 import random
 import statistics
-import sys
 import time
 
 import networkx as nx
 from _common import ROOT, machine, provenance, table
 
-sys.path.insert(0, str(ROOT / "tests" / "placement"))
-from test_split import transformer_chain  # noqa: E402  (the block-chain graphs the tests use)
-
-from qcompile.placement import Link, Problem, check_plan, cpsat, milp, split  # noqa: E402
+from qcompile.placement import Link, Problem, check_plan, cpsat, milp, split
+from qcompile.placement.synthetic import transformer_chain
 
 
 def random_dag(n: int, nd: int, seed: int) -> Problem:

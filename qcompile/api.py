@@ -72,6 +72,21 @@ def _check_tune_trials(tune_trials, target: str, backend) -> None:
                                "tune_trials=0")
 
 
+def _check_data_needs_config(calibration, labels, config) -> None:
+    if (calibration is not None or labels is not None) and config is None:
+        raise ConfigError("calibration data or labels were given without a quantization config",
+                          hint="pass config=QuantConfig(...) or drop calibration= / labels=")
+
+
+def _capture_timed(model, example_inputs, dynamic_shapes, timings: dict) -> Graph:
+    """``model`` as a graph (captured unless it is one), the time taken in ``timings``."""
+    t0 = time.perf_counter()
+    graph = model if isinstance(model, Graph) else capture(model, example_inputs,
+                                                            dynamic_shapes=dynamic_shapes)
+    timings["capture_s"] = time.perf_counter() - t0
+    return graph
+
+
 def _is_multi(target) -> bool:
     """Whether ``target`` names several devices: a list/tuple of more than one, a mapping, a
     comma-separated string (``"npu,cpu"``) or a TOML device file."""
@@ -120,14 +135,9 @@ def compile(model, target: Any = "reference", *, example_inputs=None, config=Non
     if config is None and calibration is not None and hasattr(backend, "default_config"):
         config = backend.default_config()  # npu: the HTP's recipe (uint16 activations, int8 weights)
     _check_tune_trials(tune_trials, target, backend)
-    if (calibration is not None or labels is not None) and config is None:
-        raise ConfigError("calibration data or labels were given without a quantization config",
-                          hint="pass config=QuantConfig(...) or drop calibration= / labels=")
+    _check_data_needs_config(calibration, labels, config)
     timings = {}
-    t0 = time.perf_counter()
-    graph = model if isinstance(model, Graph) else capture(model, example_inputs,
-                                                            dynamic_shapes=dynamic_shapes)
-    timings["capture_s"] = time.perf_counter() - t0
+    graph = _capture_timed(model, example_inputs, dynamic_shapes, timings)
     if config is not None:
         from qcompile.passes.pipeline import quantize_graph
         t0 = time.perf_counter()
@@ -178,14 +188,9 @@ def _compile_placed(model, target, *, example_inputs, config, calibration, label
     if config is None and calibration is not None:
         config = next((b.default_config() for b in backends.values()
                        if b.default_config() is not None), None)
-    if (calibration is not None or labels is not None) and config is None:
-        raise ConfigError("calibration data or labels were given without a quantization config",
-                          hint="pass config=QuantConfig(...) or drop calibration= / labels=")
+    _check_data_needs_config(calibration, labels, config)
     timings = {}
-    t0 = time.perf_counter()
-    graph = model if isinstance(model, Graph) else capture(model, example_inputs,
-                                                            dynamic_shapes=dynamic_shapes)
-    timings["capture_s"] = time.perf_counter() - t0
+    graph = _capture_timed(model, example_inputs, dynamic_shapes, timings)
     sample = _sample(example_inputs, calibration, graph)
     if config is not None:
         from qcompile.passes.pipeline import quantize_graph

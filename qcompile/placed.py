@@ -220,10 +220,9 @@ class PlacedModel(CompiledModel):
 
     def _compiled_files(self) -> dict[str, bytes]:
         from qcompile.backends import get_backend
-        if self._source is not None:
-            files = super()._compiled_files()
-            if files:
-                return files
+        loaded = self._source_files()
+        if loaded:
+            return loaded
         files = {PLAN_FILE: (json.dumps(self.plan, indent=1, sort_keys=True) + "\n").encode()}
         for s, ex in zip(self._exec.segments, self._exec.executables):
             d = self._exec.devices[s.device]

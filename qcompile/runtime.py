@@ -182,15 +182,20 @@ class CompiledModel:
         """The backend's files for the artifact: those it was loaded from while they still
         match the manifest they were checked against, else what the backend exports."""
         from qcompile.backends import get_backend
-        if self._source is not None:
-            d, digests = self._source
-            try:
-                files = {f: (d / f).read_bytes() for f in digests}
-            except OSError:
-                files = {}
-            if files and all(hashlib.sha256(b).hexdigest() == digests[f] for f, b in files.items()):
-                return files
-        return get_backend(self.target).artifacts(self._exec)
+        return self._source_files() or get_backend(self.target).artifacts(self._exec)
+
+    def _source_files(self) -> dict[str, bytes] | None:
+        """A loaded model's compiled files, read back while they still match their hashes."""
+        if self._source is None:
+            return None
+        d, digests = self._source
+        try:
+            files = {f: (d / f).read_bytes() for f in digests}
+        except OSError:
+            return None
+        if files and all(hashlib.sha256(b).hexdigest() == digests[f] for f, b in files.items()):
+            return files
+        return None
 
 
 def is_artifact(path: str | os.PathLike) -> bool:

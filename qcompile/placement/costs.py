@@ -597,34 +597,16 @@ def _key(d: DeviceConfig, what: dict) -> str:
 
 def _empty_overhead(d: DeviceConfig) -> tuple[float, str]:
     """Seconds of an empty call on ``d`` (a one-element ``neg``), cached; 0 if it cannot run.
-    Timed from the host, wall clock, even on a remote device: what a placed run pays to
-    enter a segment there is the RPC round trips (inputs up, the call, outputs down), which
-    the remote's own timer does not see (measured ~3 ms per call on loopback, 2 cores)."""
-    from qcompile.backends import latency
-
-    if not is_rpc(d.target):
-        return _local_empty(d)
+    A remote's is timed from the host, wall clock: what a placed run pays to enter a
+    segment there is the RPC round trips (inputs up, the call, outputs down), which the
+    remote's own timer does not see."""
+    wall = is_rpc(d.target)
 
     def measure():
         ex = _backend(d.target).lower(_empty_graph(), d.target, **d.options)
-        return latency.time_call(ex, (torch.zeros(1),), min_time=0.05, rounds=5)
+        return 1e3 * _timed(ex, (torch.zeros(1),), wall=wall)
     try:
-        ms, hit = _cached(d, _key(d, {"empty": True, "wall": True}), measure)
-    except Exception as e:  # e.g. the npu refuses float graphs: no per-call figure
-        warnings.warn(f"device {d.name!r}: could not time an empty call ({e}); assuming 0")
-        return 0.0, "modelled"
-    return ms / 1e3, "cached" if hit else "measured"
-
-
-def _local_empty(d: DeviceConfig) -> tuple[float, str]:
-    """Seconds of an empty call as the device's executable times it (on a remote: there)."""
-    from qcompile.backends import latency
-
-    def measure():
-        ex = _backend(d.target).lower(_empty_graph(), d.target, **d.options)
-        return 1e3 * _timed(ex, (torch.zeros(1),))
-    try:
-        ms, hit = latency.cached(_key(d, {"empty": True}), measure)
+        ms, hit = _cached(d, _key(d, {"empty": True, **({"wall": True} if wall else {})}), measure)
     except Exception as e:  # e.g. the npu refuses float graphs: no per-call figure
         warnings.warn(f"device {d.name!r}: could not time an empty call ({e}); assuming 0")
         return 0.0, "modelled"
@@ -773,7 +755,6 @@ class _Build:
     model_bytes: float | None = None                  # weight_bytes of the whole graph
     efficiency: dict = field(default_factory=dict)
     overhead: dict = field(default_factory=dict)
-    inner: dict = field(default_factory=dict)
     per_output: dict = field(default_factory=dict)    # device -> seconds per further output
 
 
@@ -800,9 +781,7 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
         b.overhead[d.name], how = _empty_overhead(d)
         # what a group's own timing includes of the call: the wall-clock overhead here, only
         # the remote's empty kernel call there (its timer starts on the remote)
-        inner = b.overhead[d.name]  # rpc: both timed from here, on the wall clock
-        b.inner[d.name] = inner
-        b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, inner)
+        b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, b.overhead[d.name])
         spec = _calib_spec(d)
         todo += [(d, g) for g in b.runnable[d.name]
                  if spec is None or b.work[g].heavy or b.work[g].bytes > TRIVIAL_BYTES]
@@ -824,7 +803,7 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
             sub, k, key = None, 1, f"extract:{g}"
             memo[key] = f"extracting the group failed: {e}"
         if key not in memo:
-            memo[key] = _measure_cached(d, sub, b.kept, key, b.inner[d.name], k,
+            memo[key] = _measure_cached(d, sub, b.kept, key, b.overhead[d.name], k,
                                         b.per_output[d.name])
         if isinstance(memo[key], str):
             failed[d.name] = failed.get(d.name, 0) + 1
