@@ -205,7 +205,8 @@ def apply_pins(problem: Problem, groups: dict, graph: Graph, pins: dict[str, str
         if dev not in names:
             raise ConfigError(f"pin {pattern!r} names unknown device {dev!r}",
                               hint=f"devices: {names}")
-        hit = [grp for grp in problem.order if _match(pattern, graph, groups[grp], grp, by_name)]
+        hit = [grp for grp in problem.order
+               if grp in groups and _match(pattern, graph, groups[grp], grp, by_name)]
         if not hit:
             raise ConfigError(f"pin {pattern!r} matches no node",
                               hint="pin a node name, a group name from plan.json, or an fnmatch "
@@ -230,7 +231,13 @@ def _baselines(problem: Problem) -> dict[str, Plan]:
     return out
 
 
-def _fixed_plan(problem: Problem, assignment: dict) -> Plan:
+def _fixed_plan(problem: Problem, assignment: dict, terminals: dict | None = None) -> Plan:
+    """The plan of a given {group: device} ``assignment``; a terminal (a graph input or
+    output, ``CostModel.terminals``) the assignment leaves out goes with its group."""
+    assignment = dict(assignment)
+    for t, g in (terminals or {}).items():
+        if t not in assignment and g in assignment:
+            assignment[t] = assignment[g]
     missing = [g for g in problem.order if g not in assignment]
     if missing:
         raise ConfigError(f"the plan's assignment leaves {len(missing)} group(s) out, e.g. {missing[:3]}",
@@ -273,7 +280,7 @@ def place(graph: Graph, devices, links, sample, *, plan=None, solver: str | None
                           hint="'latency' (one input, the makespan) or 'throughput' (the "
                                "pipelined period: the busiest device or link)")
     if spec.get("solve", True) is False:
-        best = _fixed_plan(pinned, spec.get("assignment", {}))
+        best = _fixed_plan(pinned, spec.get("assignment", {}), getattr(cm, "terminals", {}))
     elif objective == "throughput":
         from qcompile.placement import throughput
         best = throughput.solve(pinned, contiguous=bool(spec.get("contiguous", False)),

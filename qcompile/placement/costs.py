@@ -36,6 +36,15 @@ whose ``problem`` is the :class:`~qcompile.placement.costgraph.Problem` the solv
 The empty-call time of a measured device is a per-call cost the groups no longer carry: a
 placed run pays it once per segment, i.e. each time execution enters the device from another
 one, so it is added to the latency of every link into that device.
+
+The caller's tensors live in host memory. Where a device is not (a remote, a GPU, an NPU
+with its own link), the graph's inputs and outputs are **terminal** nodes of the cost graph
+(``CostModel.terminals``): an input's node costs, on each device, what it takes to bring the
+tensor there from the caller (nothing in host memory; the device's link to the host, its
+call overhead and the bytes over the link elsewhere), an output's what it takes to hand it
+back; their edges carry the tensor's bytes. A plan that keeps a remote busy from the first
+group on pays for the upload, as a placed run does (a 32 KB input and the call cost a
+loopback TVM RPC server 1.5 ms, against 7 ms of convolutions).
 """
 from __future__ import annotations
 
@@ -63,6 +72,7 @@ from qcompile.placement.devices import (
     default_link,
     host_spec,
     is_rpc,
+    link_to_host,
 )
 
 __all__ = ["LIGHT_OPS", "HEAVY_OPS", "TRIVIAL_BYTES", "COPY_BYTES", "MAX_COPIES", "MAX_COPY_NODES",
@@ -461,7 +471,9 @@ class CostModel:
     "modelled"}, ``refused`` {(group, device): reasons}, ``efficiency`` {device: the fraction
     of its roofline its modelled costs assume (fitted where it was also measured)},
     ``overhead`` {measured device: seconds of an empty call, added to links into it},
-    ``work`` {group: :class:`Work`}, ``seconds`` to build."""
+    ``work`` {group: :class:`Work`}, ``seconds`` to build, ``terminals`` {cost-graph node
+    standing for a graph input or output: the group it feeds or is produced by} (nodes of
+    ``problem`` that are not groups; empty when every device computes in host memory)."""
 
     problem: Problem
     groups: dict[str, list[str]]
@@ -471,6 +483,7 @@ class CostModel:
     overhead: dict[str, float] = field(default_factory=dict)
     work: dict[str, Work] = field(default_factory=dict)
     seconds: float = 0.0
+    terminals: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """How many (group, device) costs came from each source."""
@@ -617,18 +630,53 @@ def _output_overhead(d: DeviceConfig, empty: float) -> float:
     """Seconds each output past the first adds to a call on ``d`` (``empty``: an empty call's
     seconds), cached; 0 if it cannot be timed. The executable hands each output back (the TVM
     ones copy it into a torch tensor: ~8 us each on the hosts measured), which a placed run
-    does only where a segment ends; the copies of a group hand back k times its outputs."""
-
-    wall = is_rpc(d.target)
+    does only where a segment ends; the copies of a group hand back k times its outputs.
+    Devices here only: a remote's groups are timed on the remote, outputs staying there."""
 
     def measure():
         ex = _backend(d.target).lower(_empty_graph(_OUTPUTS), d.target, **d.options)
-        return 1e3 * _timed(ex, (torch.zeros(1),), wall=wall)
+        return 1e3 * _timed(ex, (torch.zeros(1),))
     try:
-        ms, _ = _cached(d, _key(d, {"empty": True, "outputs": _OUTPUTS, "wall": wall}), measure)
+        ms, _ = _cached(d, _key(d, {"empty": True, "outputs": _OUTPUTS, "wall": False}), measure)
     except Exception:  # the empty call itself failed, or no figure: nothing to take off
         return 0.0
     return max(ms / 1e3 - empty, 0.0) / (_OUTPUTS - 1)
+
+
+#: parameters of the call that times what each parameter handle costs a remote call
+_PARAMS = 16
+
+
+def _param_graph(params: int) -> Graph:
+    """A chain of ``params`` 64-element adds, each of its own constant (big enough that the
+    TVM backends pass it as a parameter rather than embed it), on a 64-element input: a call
+    that passes ``params`` parameter handles and does next to no work."""
+    g = Graph("params")
+    y = g.add("neg", g.add_input("x", TensorType((64,), "float32")))
+    for i in range(params):
+        c = g.add_constant(f"c{i}", torch.full((64,), float(i + 1)))
+        y = g.add("add", y, c)
+    g.outputs = [y]
+    return g
+
+
+def _param_overhead(d: DeviceConfig) -> float:
+    """Seconds each parameter handle adds to a call on remote ``d``, wall clock from here:
+    the Relax VM's ``main`` takes the resident parameters as arguments, and each one crosses
+    the RPC link as a handle (measured on loopback: 50-80 us each, against ~0.3 ms for the
+    rest of an empty call). A call of :data:`_PARAMS` parameters against an empty call, both
+    doing next to nothing on the remote; 0 if it cannot be timed."""
+    try:
+        ex0 = _backend(d.target).lower(_param_graph(0), d.target, **d.options)
+        ex1 = _backend(d.target).lower(_param_graph(_PARAMS), d.target, **d.options)
+        n = len(getattr(ex1, "params", ())) - len(getattr(ex0, "params", ()))
+        if n <= 0:
+            return 0.0
+        x = (torch.zeros(64),)
+        t0, t1 = _timed(ex0, x, wall=True), _timed(ex1, x, wall=True)
+    except Exception:  # noqa: BLE001 - no figure: nothing to add
+        return 0.0
+    return max(t1 - t0, 0.0) / n
 
 
 def _npu_refusals(static: Graph, target: str) -> dict[str, list[str]]:
@@ -718,19 +766,26 @@ def _calib_spec(d: DeviceConfig) -> DeviceSpec | None:
 
 
 def _measure_cached(d: DeviceConfig, sub: Graph, kept: dict, key: str, overhead: float,
-                    k: int = 1, per_output: float = 0.0):
+                    k: int = 1, per_output: float = 0.0, per_param: float | None = None):
     """(seconds of one copy, "measured" | "cached") for group graph ``sub`` on ``d``: a call
-    of ``k`` copies of it (:func:`replicate`), here or on the remote, less the empty-call
-    ``overhead`` and ``per_output`` seconds for each output it hands back past the first,
-    divided by ``k``; or why it could not be lowered or run there. The cache holds the time
-    of the whole call (under ``key``, which names ``k``)."""
+    of ``k`` copies of it (:func:`replicate`), less the empty-call ``overhead`` and
+    ``per_output`` seconds for each output it hands back past the first, divided by ``k``; or
+    why it could not be lowered or run there. The cache holds the time of the whole call
+    (under ``key``, which names ``k``).
+
+    On a remote (``per_param`` given) the copies are timed by the remote's own timer, which
+    sees the kernels alone, and each parameter handle the call passes adds ``per_param``
+    seconds (:func:`_param_overhead`). A wall-clock time from here would also count the
+    copies' inputs and ``k`` times their outputs crossing the link (at TVM RPC's ~50 MB/s,
+    3.6 ms for one 48x32x32 feature map against 1.2 ms for the conv that made it), which a
+    placed run pays only where a segment ends, as a link cost."""
 
     def measure() -> float:
         ex = _backend(d.target).lower(replicate(sub, k), d.target, **d.options)
-        # a remote's group is timed from here: what a call costs besides the kernels grows
-        # with its arguments (each resident parameter handle crosses the RPC link: 24 MB in 13
-        # params added ~0.5 ms per call on loopback), which the remote's own timer misses
-        return 1e3 * _timed(ex, tuple(_example(v, kept) for v in sub.inputs), wall=is_rpc(d.target))
+        args = tuple(_example(v, kept) for v in sub.inputs)
+        if per_param is None:
+            return 1e3 * _timed(ex, args)
+        return 1e3 * (_timed(ex, args) + per_param * len(getattr(ex, "params", ())))
     try:
         ms, hit = _cached(d, key, measure)
     except Exception as e:
@@ -756,6 +811,7 @@ class _Build:
     efficiency: dict = field(default_factory=dict)
     overhead: dict = field(default_factory=dict)
     per_output: dict = field(default_factory=dict)    # device -> seconds per further output
+    per_param: dict = field(default_factory=dict)     # remote device -> seconds per parameter
 
 
 def _mask(b: _Build, devices: list[DeviceConfig]) -> None:
@@ -779,9 +835,12 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
         if not d.measure:
             continue
         b.overhead[d.name], how = _empty_overhead(d)
-        # what a group's own timing includes of the call: the wall-clock overhead here, only
-        # the remote's empty kernel call there (its timer starts on the remote)
-        b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, b.overhead[d.name])
+        # what a group's own timing includes of the call: the wall-clock overhead here;
+        # nothing there (the remote's timer sees the kernels; handles are added per parameter)
+        if is_rpc(d.target):
+            b.per_param[d.name] = _param_overhead(d)
+        else:
+            b.per_output[d.name] = 0.0 if how == "modelled" else _output_overhead(d, b.overhead[d.name])
         spec = _calib_spec(d)
         todo += [(d, g) for g in b.runnable[d.name]
                  if spec is None or b.work[g].heavy or b.work[g].bytes > TRIVIAL_BYTES]
@@ -797,14 +856,17 @@ def _measure(b: _Build, devices: list[DeviceConfig], progress: bool) -> None:
         try:
             sub = extract(b.static, b.groups[g], g)
             k = copies(sub, b.model_bytes)
-            wall = {"wall": True} if is_rpc(d.target) else {}
-            key = _key(d, {"group": signature(sub), "copies": k, **wall})
+            key = _key(d, {"group": signature(sub), "copies": k})
         except QCompileError as e:  # pragma: no cover - extracting from a verified graph
             sub, k, key = None, 1, f"extract:{g}"
             memo[key] = f"extracting the group failed: {e}"
         if key not in memo:
-            memo[key] = _measure_cached(d, sub, b.kept, key, b.overhead[d.name], k,
-                                        b.per_output[d.name])
+            if d.name in b.per_param:  # the remote's timer: no call overhead to take off
+                memo[key] = _measure_cached(d, sub, b.kept, key, 0.0, k,
+                                            per_param=b.per_param[d.name])
+            else:
+                memo[key] = _measure_cached(d, sub, b.kept, key, b.overhead[d.name], k,
+                                            b.per_output[d.name])
         if isinstance(memo[key], str):
             failed[d.name] = failed.get(d.name, 0) + 1
             b.refused[(g, d.name)] = [f"{g}: {memo[key]}"]
@@ -883,9 +945,65 @@ def build_problem(graph: Graph, devices, links, sample, *, progress: bool = True
                 link = links.get((a.name, d.name)) or default_link(a, d)
                 full[(a.name, d.name)] = Link(link.latency + b.overhead.get(d.name, 0.0),
                                               link.bandwidth)
-    problem = Problem(_cost_graph(b), [Device(d.name, d.memory) for d in devices], full)
+    dg = _cost_graph(b)
+    terminals = _add_terminals(dg, b, devices, links)
+    problem = Problem(dg, [Device(d.name, d.memory) for d in devices], full)
     return CostModel(problem, {g: [n.name for n in ns] for g, ns in groups.items()}, b.source,
-                     b.refused, b.efficiency, b.overhead, b.work, time.perf_counter() - t_start)
+                     b.refused, b.efficiency, b.overhead, b.work, time.perf_counter() - t_start,
+                     terminals)
+
+
+def _add_terminals(dg: nx.DiGraph, b: _Build, devices: list[DeviceConfig], links) -> dict[str, str]:
+    """Add to ``dg`` a node per graph input and output (see the module docstring), when some
+    device is not in host memory; return {terminal: its group}. A terminal's cost on device
+    ``d`` is the link host -> d (input) or d -> host (output): a declared link between ``d``
+    and an in-host device in ``links`` if there is one, else ``d``'s own link to the host,
+    plus ``d``'s call overhead for an input; 0 on devices in host memory."""
+    home = {d.name: _home_link(d, devices, links) for d in devices}
+    if all(h is None for h in home.values()):
+        return {}
+    out: dict[str, str] = {}
+    group_of = {n.name: g for g, nodes in b.groups.items() for n in nodes}
+
+    def cost(nbytes: float, into: bool) -> dict[str, float]:
+        c = {}
+        for d in devices:
+            h = home[d.name]
+            c[d.name] = 0.0 if h is None else (
+                h.latency + nbytes / h.bandwidth + (b.overhead.get(d.name, 0.0) if into else 0.0))
+        return c
+    for v in b.static.inputs:
+        readers = [g for g, nodes in b.groups.items() if any(x is v for n in nodes for x in n.inputs)]
+        if not readers:
+            continue
+        nbytes = float(_numel(v.shape) * DTYPES[v.dtype].itemsize)
+        t = f"<input {v.name}>"
+        dg.add_node(t, cost=cost(nbytes, True), mem=0.0, op="input")
+        for g in readers:
+            dg.add_edge(t, g, bytes=nbytes)
+        out[t] = readers[0]
+    for i, v in enumerate(b.static.outputs):
+        if v.producer is None:
+            continue  # an input handed straight back
+        nbytes = float(_numel(v.shape) * DTYPES[v.dtype].itemsize)
+        t = f"<output {i} {v.name}>"
+        src = group_of[v.producer.name]
+        dg.add_node(t, cost=cost(nbytes, False), mem=0.0, op="output")
+        dg.add_edge(src, t, bytes=nbytes)
+        out[t] = src
+    return out
+
+
+def _home_link(d: DeviceConfig, devices: list[DeviceConfig], links) -> Link | None:
+    """How the caller's host memory reaches ``d`` (None: ``d`` computes in it): the link
+    ``links`` gives from a device in host memory, else ``d``'s own (:func:`link_to_host`)."""
+    own = link_to_host(d)
+    if own is None:
+        return None
+    for h in devices:
+        if h.name != d.name and (h.name, d.name) in links and link_to_host(h) is None:
+            return links[(h.name, d.name)]
+    return own
 
 
 def _check_runnable(graph: Graph, groups, devices, cost, refused) -> None:

@@ -502,6 +502,17 @@ def _home(d: DeviceConfig, rpc_links: dict) -> Link | None:
     return None
 
 
+#: the links to TVM RPC remotes measured by the latest :func:`parse_devices` (target -> Link)
+_MEASURED: dict[str, Link] = {}
+
+
+def link_to_host(d: DeviceConfig) -> Link | None:
+    """How the host's memory (where the caller's tensors are) reaches ``d``: None when ``d``
+    computes in it; a remote's link as :func:`parse_devices` measured it (measured now if it
+    did not); a GPU's or NPU's from its spec."""
+    return _home(d, _MEASURED)
+
+
 def _through_host(a: Link, b: Link) -> Link:
     return Link(a.latency + b.latency, min(a.bandwidth, b.bandwidth))
 
@@ -661,4 +672,5 @@ def parse_devices(target) -> tuple[list[DeviceConfig], dict[tuple[str, str], Lin
         for b in devices:
             if a.name != b.name and (a.name, b.name) not in links:
                 links[(a.name, b.name)] = default_link(a, b, rpc_links)
+    _MEASURED.update(rpc_links)
     return devices, links

@@ -544,3 +544,76 @@ def test_device_config_objects_and_missing_links(mlp_graph, timer):
     devs = [DeviceConfig("a", "reference"), DeviceConfig("b", "cuda", spec="t4", measure=False)]
     cm = build_problem(mlp_graph, devs, {}, (torch.randn(3, 8),), progress=False)
     assert cm.problem.link("a", "b") == LINKS["pcie3-x16"].link  # the T4's own link
+
+
+def test_terminals_carry_the_callers_tensors(mlp_graph, timer):
+    # the gpu computes in its own memory: x must cross PCIe to reach it and the output back
+    devs, links = parse_devices({"ref": {"target": "reference"},
+                                 "gpu": {"target": "cuda", "spec": "t4", "measure": False}})
+    cm = build_problem(mlp_graph, devs, links, (torch.randn(3, 8),), progress=False)
+    assert cm.terminals == {"<input x>": "fc1", "<output 0 fc2>": "fc2"}
+    pcie = LINKS["pcie3-x16"].link
+    g = cm.problem.graph
+    assert g.nodes["<input x>"]["cost"]["ref"] == 0.0
+    assert g.nodes["<input x>"]["cost"]["gpu"] == pytest.approx(pcie.latency + 3 * 8 * 4 / pcie.bandwidth)
+    assert g.nodes["<output 0 fc2>"]["cost"]["gpu"] == pytest.approx(pcie.latency + 3 * 4 * 4 / pcie.bandwidth)
+    assert g.edges["<input x>", "fc1"]["bytes"] == 3 * 8 * 4
+    assert set(cm.groups) == {"fc1", "fc2"}  # terminals are not groups
+    # with every device in host memory there is nothing to carry
+    devs, links = parse_devices(["reference", "cpu"])
+    cm = build_problem(mlp_graph, devs, links, (torch.randn(3, 8),), progress=False)
+    assert cm.terminals == {} and set(cm.problem.order) == {"fc1", "fc2"}
+
+
+def test_a_given_assignment_takes_its_terminals_along(mlp_graph, timer):
+    from qcompile.passes.place import place
+    devs, links = parse_devices({"ref": {"target": "reference"},
+                                 "gpu": {"target": "cuda", "spec": "t4", "measure": False}})
+    pl = place(mlp_graph, devs, links, (torch.randn(3, 8),), progress=False,
+               plan={"solve": False, "assignment": {"fc1": "gpu", "fc2": "ref"}})
+    assert pl.plan.assignment["<input x>"] == "gpu"
+    assert pl.plan.assignment["<output 0 fc2>"] == "ref"
+    assert pl.assignment == {"fc1": "gpu", "act": "gpu", "fc2": "ref"}
+    # the upload is part of the predicted makespan
+    assert pl.plan.start["fc1"] == pytest.approx(pl.plan.finish["<input x>"])
+
+
+def test_remote_groups_are_timed_there_plus_their_parameter_handles(mlp_graph, monkeypatch):
+    """A remote's group: its own timer for the kernels (no inputs or outputs crossing the
+    link), plus each parameter handle the call passes; never the wall clock here."""
+    seen = []
+
+    class Ex:
+        params = [0] * 6
+
+        def time_remote(self, args, number, repeat):
+            return [4e-3] * repeat
+
+        def __call__(self, *a):  # pragma: no cover - a wall-clock timing would call it
+            seen.append("wall")
+
+    class Be:
+        def lower(self, graph, target, **kw):
+            return Ex()
+    monkeypatch.setattr(C, "_backend", lambda target: Be())
+    monkeypatch.setattr(latency, "time_call", lambda *a, **k: seen.append("wall") or 1.0)
+    from qcompile.placement.subgraph import extract
+    sub = extract(mlp_graph, [n for n in mlp_graph.nodes if n.name == "fc2"], "fc2")
+    d = DeviceConfig("r", "reference")
+    kept = {v.name: torch.randn(3, 16) for v in sub.inputs}
+    got = C._measure_cached(d, sub, kept, "k", 0.0, k=2, per_param=1e-4)
+    assert not isinstance(got, str), got
+    secs, how = got
+    assert secs == pytest.approx((4e-3 + 6 * 1e-4) / 2) and how == "measured"
+    assert seen == []
+
+
+def test_the_parameter_probe_passes_its_constants_as_parameters():
+    # the probe for a remote's per-handle cost must not have its constants embedded
+    from qcompile.backends import get_backend
+    ex = get_backend("cpu").lower(C._param_graph(C._PARAMS), "cpu")
+    assert len(ex.params) == C._PARAMS
+    x = torch.randn(64)
+    out = ex(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert torch.allclose(out, -x + sum(range(1, C._PARAMS + 1)))
