@@ -21,6 +21,7 @@ from qcompile.errors import (  # noqa: E402
     VerificationError,
 )
 from qcompile.ir import Graph, TensorType, verify  # noqa: E402
+from qcompile.llm import CompiledLLM, compile_llm  # noqa: E402
 from qcompile.runtime import CompiledModel, load  # noqa: E402
 
 
@@ -31,7 +32,8 @@ def targets() -> list[str]:
 
 
 __all__ = [
-    "__version__", "compile", "capture", "load", "targets", "CompiledModel", "Graph",
+    "__version__", "compile", "compile_llm", "capture", "load", "targets", "CompiledModel",
+    "CompiledLLM", "Graph",
     "TensorType", "verify", "QCompileError", "CaptureError", "UnsupportedOpError",
     "VerificationError", "PassError", "BackendError", "ArtifactError", "ConfigError", "InputError",
     "QuantizationError", "formats", "QuantConfig", "Budget",

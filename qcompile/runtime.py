@@ -329,7 +329,13 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         cm._source = (d.resolve(), {f: files[f] for f in extra})
         return cm
     backend = get_backend(target)
-    cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
+    if "llm" in manifest:  # a decoder LLM's step graph: generate() and its KV cache
+        from qcompile.llm.runtime import CompiledLLM
+        from qcompile.llm.spec import LlmSpec
+        cm = CompiledLLM(graph, target, backend.load(graph, target, extra),
+                         LlmSpec.from_json(manifest["llm"]), isa=manifest.get("isa"))
+    else:
+        cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
     cm._source = (d.resolve(), {f: files[f] for f in extra})
     return cm
 

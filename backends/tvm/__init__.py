@@ -108,6 +108,12 @@ class TVMExecutable:
         #: manifest holds it)
         self.isa = isa
         self._vm = None
+        #: inputs the graph writes in place (KV caches, ``kv_write``): passed as the caller's
+        #: own memory, and their outputs handed back sharing it
+        written = {id(n.inputs[0]) for n in graph.nodes if n.op == "kv_write"}
+        self._inplace = {i for i, v in enumerate(graph.inputs) if id(v) in written}
+        self._aliased = {i for i, n in enumerate(graph.outputs)
+                         if n.producer is not None and n.producer.op == "kv_write"}
 
     def _ready(self):
         if self._vm is None:
@@ -133,10 +139,21 @@ class TVMExecutable:
         import tvm
         vm = self._ready()
         tensors, _ = bind_inputs(self.graph, inputs)
-        args = [tvm.runtime.tensor(t.contiguous().numpy(), self._dev) for t in tensors]
+        args = [self._inplace_arg(t, i) if i in self._inplace
+                else tvm.runtime.tensor(t.contiguous().numpy(), self._dev)
+                for i, t in enumerate(tensors)]
         out = vm["main"](*args, *self._params)
         outs = list(out) if not hasattr(out, "numpy") else [out]
-        return [torch.from_numpy(o.numpy()) for o in outs]
+        return [torch.from_dlpack(o) if i in self._aliased else torch.from_numpy(o.numpy())
+                for i, o in enumerate(outs)]
+
+    def _inplace_arg(self, t: torch.Tensor, i: int):
+        import tvm
+        if not t.is_contiguous() or t.device.type != "cpu" or self._dev.dlpack_device_type() != 1:
+            raise BackendError(f"input {self.graph.inputs[i].name!r} is written in place and "
+                               "must be a contiguous CPU tensor",
+                               hint="pass the cache tensor itself (qcompile.llm does)")
+        return tvm.runtime.from_dlpack(t)
 
     def profile(self, *inputs, repeat: int = 3) -> dict[str, float]:
         """Seconds per compiled function (summed over its calls, median over ``repeat`` runs),

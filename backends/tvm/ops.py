@@ -361,6 +361,31 @@ def _attention(L, n, a):
     return lower_attention(L, n, a)
 
 
+@register_lowering("kv_write")
+def _kv_write(L, n, a):
+    """In place: the result aliases the cache (``call_tir_inplace``); the executable passes
+    the caller's cache tensor itself (see ``TVMExecutable``)."""
+    from tvm import relax
+
+    from qcompile.backends.tvm.kernels.cache import kv_write
+    from qcompile.backends.tvm.lower import _with_root_block
+    from qcompile.errors import BackendError
+    ct, nt = n.inputs[0].type, n.inputs[1].type
+    if ct.rank != 4 or n.attrs["axis"] not in (2, -2) or not all(
+            isinstance(d, int) for d in (ct.shape[1], ct.shape[2], ct.shape[3])):
+        raise BackendError(f"kv_write on {ct} along axis {n.attrs['axis']}: the TVM backend "
+                           "writes caches [batch, heads, seq, dim] with static heads, seq and dim",
+                           hint="capture with qcompile.llm, which lays the cache out that way")
+    batch = ct.shape[0] if isinstance(ct.shape[0], int) else None
+    tokens = nt.shape[2] if isinstance(nt.shape[2], int) else None
+    func = L.kernel(kv_write, batch, ct.shape[1], ct.shape[2], tokens, ct.shape[3], ct.dtype)
+    func = _with_root_block(func).with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
+    gv = L.bb.add_func(func.without_attr("global_symbol"), "kv_write")
+    slot = L.cast(a[2], "int64")
+    return relax.op.call_tir_inplace(gv, [a[0], a[1], slot], [0],
+                                     relax.TensorType(L.shape(_out(n)), ct.dtype))
+
+
 @register_lowering("rotary")
 def _rotary(L, n, a):
     R = _R()

@@ -353,6 +353,26 @@ def _sdpa(im, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
                    gqa=enable_gqa)
 
 
+@torch.library.custom_op("qcompile::kv_write", mutates_args=())
+def kv_write(cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, axis: int = -2) -> torch.Tensor:
+    """The IR's ``kv_write`` for torch models to call (``qcompile.llm`` does): ``cache`` with
+    ``new`` written along ``axis`` from position ``slot[0]``. Functional in eager torch (a
+    copy); captured whole, and run in place by qcompile."""
+    out = cache.clone()
+    out.narrow(axis, int(slot.reshape(-1)[0]), new.shape[axis]).copy_(new)
+    return out
+
+
+@kv_write.register_fake
+def _kv_write_fake(cache, new, slot, axis=-2):
+    return torch.empty_like(cache)
+
+
+@_reg(torch.ops.qcompile.kv_write.default)
+def _kv_write(im, cache, new, slot, axis=-2):
+    return im.emit("kv_write", cache, new, slot, axis=axis)
+
+
 @_reg(aten.embedding)
 def _embedding(im, w, idx, *a, **k):
     return im.emit("embedding", w, idx)
@@ -596,7 +616,11 @@ def _symbol_names(ep_inputs, dynamic_shapes, user_names) -> dict:
     if isinstance(dynamic_shapes, dict):
         specs = [dynamic_shapes.get(n) for n in user_names]
     elif isinstance(dynamic_shapes, (list, tuple)):
-        specs = list(dynamic_shapes) + [None] * (len(user_names) - len(dynamic_shapes))
+        specs = []
+        for sp in dynamic_shapes:  # a tuple of dicts: the specs of a *args or tuple input
+            nested = isinstance(sp, (list, tuple)) and any(isinstance(x, dict) for x in sp)
+            specs += list(sp) if nested else [sp]
+        specs += [None] * (len(user_names) - len(specs))
     for (name, val), spec in zip(ep_inputs, specs):
         if not isinstance(spec, dict) or not hasattr(val, "shape"):
             continue

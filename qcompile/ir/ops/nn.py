@@ -177,6 +177,39 @@ def attention(q, k, v, mask, scale, causal, gqa):
                                           enable_gqa=gqa)
 
 
+def _kv_write_infer(t, a):
+    cache, new, slot = t
+    if cache.rank != new.rank:
+        raise ValueError(f"kv_write: cache {cache} and new rows {new} differ in rank")
+    axis = norm_axis(a["axis"], cache.rank)
+    for i, (c, n) in enumerate(zip(cache.shape, new.shape)):
+        if i != axis:
+            _check_dim(c, n, f"kv_write cache vs new rows (axis {i})")
+    if slot.dtype not in ("int32", "int64") or slot.rank != 1:
+        raise ValueError(f"kv_write: slot must be an int32/int64 tensor of shape [1], got {slot}")
+    return cache
+
+
+@op("kv_write", inputs=("cache", "new", "slot"), attrs={"axis": Attr("int", -2)},
+    infer=_kv_write_infer)
+def kv_write(cache, new, slot, axis):
+    """The KV cache as state: ``new``'s rows written into ``cache`` along ``axis`` at
+    positions ``slot[0]`` .. ``slot[0] + new.shape[axis] - 1``; the result is ``cache``.
+
+    The only op that updates an input in place (as llama.cpp's ``ggml_cpy`` into a view of
+    its cache, or ORT's GroupQueryAttention with a shared past/present buffer): a decode step
+    costs one row per layer, never a copy of the cache. The cache must be a graph input that
+    no other node reads (checked by ``qcompile.llm``), so the write is invisible to the rest
+    of the graph."""
+    start = int(slot.reshape(-1)[0])
+    n = new.shape[axis]
+    if start < 0 or start + n > cache.shape[axis]:
+        raise IndexError(f"kv_write: rows {start}..{start + n - 1} outside a cache of "
+                         f"{cache.shape[axis]} positions")
+    cache.narrow(axis, start, n).copy_(new)
+    return cache
+
+
 @op("rotary", inputs=("x", "cos", "sin"),
     infer=lambda t, a: TensorType(broadcast_shapes(t[0].shape, t[1].shape), t[0].dtype))
 def rotary(x, cos, sin):

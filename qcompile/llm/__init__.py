@@ -1,0 +1,87 @@
+"""Decoder LLMs end to end: capture a Hugging Face causal LM of the Llama family as one step
+graph with its KV cache as state, quantize it with the usual passes, lower it, and generate.
+
+``compile_llm(model, target)`` returns a :class:`~qcompile.llm.runtime.CompiledLLM`."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qcompile.errors import ConfigError
+from qcompile.llm.runtime import CompiledLLM, sample_next
+from qcompile.llm.spec import SUPPORTED, LlmSpec, read_spec
+from qcompile.llm.step import Step
+
+__all__ = ["compile_llm", "capture_llm", "CompiledLLM", "LlmSpec", "sample_next", "SUPPORTED"]
+
+
+def step_inputs(spec: LlmSpec, ids: torch.Tensor) -> tuple:
+    """Inputs of one prefill step of ``ids`` [n, T] (no padding) on fresh caches: for
+    capture and calibration."""
+    n, t = ids.shape
+    s = spec.max_seq_len
+    slots = torch.arange(s)
+    mask = (slots[None, :] <= torch.arange(t)[:, None]).expand(n, 1, t, s).clone()
+    caches = [torch.zeros(n, spec.kv_heads, s, spec.head_dim) for _ in range(2 * spec.layers)]
+    return (ids.to(torch.int64), torch.arange(t).expand(n, t).clone(), mask,
+            torch.zeros(1, dtype=torch.int64), *caches)
+
+
+def capture_llm(model: torch.nn.Module, *, max_seq_len: int = 256, max_batch: int = 1):
+    """(the step graph, its :class:`LlmSpec`): ``model``'s step (:mod:`qcompile.llm.step`)
+    captured with a symbolic batch and token count."""
+    from qcompile.api import capture
+    from qcompile.llm.check import check_step_graph
+    spec = read_spec(model, max_seq_len=max_seq_len, max_batch=max_batch)
+    step = Step(model, spec).eval()
+    example = step_inputs(spec, torch.zeros(min(2, max_batch), min(4, max_seq_len - 1),
+                                            dtype=torch.int64))
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    tokens = torch.export.Dim("tokens", min=1, max=max_seq_len - 1)
+    bdim = {0: batch} if batch is not None else {}
+    # the caches are forward's *caches: one tuple in the structure export compares
+    dyn = ({**bdim, 1: tokens}, {**bdim, 1: tokens}, {**bdim, 2: tokens}, None,
+           tuple(dict(bdim) or None for _ in range(2 * spec.layers)))
+    if batch is None:
+        example = (example[0][:1], example[1][:1], example[2][:1], example[3],
+                   *[c[:1] for c in example[4:]])
+    graph = capture(step, example, dynamic_shapes=dyn)
+    graph.name = f"{spec.model_type}_step"
+    check_step_graph(graph, spec)
+    return graph, spec
+
+
+def compile_llm(model: torch.nn.Module, target: str = "reference", *, config=None,
+                calibration=None, max_seq_len: int = 256, max_batch: int = 1,
+                progress: bool = True) -> CompiledLLM:
+    """Compile a Hugging Face causal LM of the Llama family (``SUPPORTED``) for ``target``.
+
+    ``config`` (a ``QuantConfig``, a dict or a TOML path) quantizes it as ``compile`` does,
+    calibrated on ``calibration`` (a list of prompts: token-id tensors [1, T] or lists).
+    ``max_seq_len`` (prompt plus generated tokens) and ``max_batch`` size the KV cache."""
+    from qcompile.api import _check_data_needs_config
+    from qcompile.backends import get_backend
+    from qcompile.config import QuantConfig
+    backend = get_backend(target)
+    config = QuantConfig.coerce(config)
+    _check_data_needs_config(calibration, None, config)
+    if config is not None and calibration is None:
+        raise ConfigError("quantizing an LLM needs calibration prompts",
+                          hint="pass calibration=[token ids, ...] (a few hundred tokens of text)")
+    timings = {}
+    t0 = time.perf_counter()
+    graph, spec = capture_llm(model, max_seq_len=max_seq_len, max_batch=max_batch)
+    timings["capture_s"] = time.perf_counter() - t0
+    if config is not None:
+        from qcompile.passes.pipeline import quantize_graph
+        samples = [step_inputs(spec, torch.as_tensor(p, dtype=torch.int64).reshape(1, -1)[:, :max_seq_len - 1])
+                   for p in calibration]
+        t0 = time.perf_counter()
+        graph, records = quantize_graph(graph, config, samples, target=target, progress=progress)
+        timings["quantize_s"] = time.perf_counter() - t0
+        timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
+    t0 = time.perf_counter()
+    executable = backend.lower(graph, target)
+    timings["lower_s"] = time.perf_counter() - t0
+    return CompiledLLM(graph, target, executable, spec, config=config, timings=timings)
