@@ -175,6 +175,6 @@ def test_cache_inputs_must_only_feed_their_kv_write(llama):
     graph, spec = capture_llm(llama, max_seq_len=32)
     check_step_graph(graph, spec)
     cache = graph.inputs[4]
-    graph.outputs.append(graph.add("neg", cache))  # a second reader of the cache
+    graph.outputs[0] = graph.add("neg", cache)  # a second reader of the cache
     with pytest.raises(VerificationError, match="read only by the kv_write"):
         check_step_graph(graph, spec)
