@@ -330,10 +330,12 @@ def load(directory: str | os.PathLike) -> CompiledModel:
         return cm
     backend = get_backend(target)
     if "llm" in manifest:  # a decoder LLM's step graph: generate() and its KV cache
+        from qcompile.llm import lower_step
         from qcompile.llm.runtime import CompiledLLM
         from qcompile.llm.spec import LlmSpec
-        cm = CompiledLLM(graph, target, backend.load(graph, target, extra),
-                         LlmSpec.from_json(manifest["llm"]), isa=manifest.get("isa"))
+        prefill, decode = lower_step(backend, graph, target, extra)
+        cm = CompiledLLM(graph, target, prefill, LlmSpec.from_json(manifest["llm"]),
+                         decode=decode, isa=manifest.get("isa"))
     else:
         cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
     cm._source = (d.resolve(), {f: files[f] for f in extra})

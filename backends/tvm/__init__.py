@@ -108,6 +108,7 @@ class TVMExecutable:
         #: manifest holds it)
         self.isa = isa
         self._vm = None
+        self._shared: TVMExecutable | None = None
         #: inputs the graph writes in place (KV caches, ``kv_write``): passed as the caller's
         #: own memory, and their outputs handed back sharing it
         written = {id(n.inputs[0]) for n in graph.nodes if n.op == "kv_write"}
@@ -132,7 +133,12 @@ class TVMExecutable:
                 dev = tvm.cpu(0)
             self._dev = dev
             self._vm = relax.VirtualMachine(self.ex, dev)
-            self._params = [tvm.runtime.tensor(p, dev) for p in self.params]
+            shared = self._shared
+            if shared is not None:  # another build of the same graph holds our parameters
+                shared._ready()
+                self._params = shared._params
+            else:
+                self._params = [tvm.runtime.tensor(p, dev) for p in self.params]
         return self._vm
 
     def __call__(self, *inputs):
@@ -146,6 +152,18 @@ class TVMExecutable:
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return [torch.from_dlpack(o) if i in self._aliased else torch.from_numpy(o.numpy())
                 for i, o in enumerate(outs)]
+
+    def share_params(self, other: "TVMExecutable") -> bool:
+        """Run on ``other``'s parameters (one copy in memory) when they are the same arrays
+        — two builds of one graph at different shapes, as an LLM's prefill and decode; True
+        if they are, else nothing changes."""
+        if len(self.params) != len(other.params) or other.target != self.target or any(
+                a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b)
+                for a, b in zip(self.params, other.params)):
+            return False
+        self.params = other.params
+        self._shared = other
+        return True
 
     def _inplace_arg(self, t: torch.Tensor, i: int):
         import tvm

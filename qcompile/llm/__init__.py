@@ -13,7 +13,7 @@ from qcompile.llm.runtime import CompiledLLM, sample_next
 from qcompile.llm.spec import SUPPORTED, LlmSpec, read_spec
 from qcompile.llm.step import Step
 
-__all__ = ["compile_llm", "capture_llm", "CompiledLLM", "LlmSpec", "sample_next", "SUPPORTED"]
+__all__ = ["compile_llm", "capture_llm", "lower_step", "CompiledLLM", "LlmSpec", "sample_next", "SUPPORTED"]
 
 
 def step_inputs(spec: LlmSpec, ids: torch.Tensor) -> tuple:
@@ -82,6 +82,32 @@ def compile_llm(model: torch.nn.Module, target: str = "reference", *, config=Non
         timings["quantize_s"] = time.perf_counter() - t0
         timings["passes"] = [[r.name, round(r.seconds, 4)] for r in records]
     t0 = time.perf_counter()
-    executable = backend.lower(graph, target)
+    executable, decode = lower_step(backend, graph, target)
     timings["lower_s"] = time.perf_counter() - t0
-    return CompiledLLM(graph, target, executable, spec, config=config, timings=timings)
+    return CompiledLLM(graph, target, executable, spec, decode=decode, config=config,
+                       timings=timings)
+
+
+def lower_step(backend, graph, target: str, files: dict | None = None):
+    """(prefill executable, decode executable or None): ``graph`` lowered as is (symbolic
+    token count) and specialised to one token per sequence, the static shapes the decode
+    kernels need, on one copy of the parameters. The interpreter (``reference``) runs both
+    shapes as they come. ``files``: load both from an artifact's files instead."""
+    from qcompile.ir.specialize import specialize
+    from qcompile.llm.runtime import DECODE
+    if target == "reference":
+        return (backend.lower(graph, target) if files is None else backend.load(graph, target, files)), None
+    one = specialize(graph, {"tokens": 1})
+    if files is None:
+        prefill, decode = backend.lower(graph, target), backend.lower(one, target)
+    else:
+        mine = {k: v for k, v in files.items() if not k.startswith(DECODE)}
+        theirs = {k[len(DECODE):]: v for k, v in files.items() if k.startswith(DECODE)}
+        if not theirs:
+            return backend.load(graph, target, mine), None
+        prefill = backend.load(graph, target, mine)
+        decode = backend.load(one, target, {**{k: v for k, v in mine.items() if k not in theirs}, **theirs})
+    share = getattr(decode, "share_params", None)
+    if share is not None:
+        share(prefill)
+    return prefill, decode

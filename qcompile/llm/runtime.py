@@ -19,7 +19,10 @@ from qcompile.errors import InputError
 from qcompile.llm.spec import LlmSpec
 from qcompile.runtime import CompiledModel
 
-__all__ = ["CompiledLLM", "sample_next"]
+__all__ = ["CompiledLLM", "sample_next", "DECODE"]
+
+#: the prefix of the decode executable's files in an artifact
+DECODE = "decode."
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
@@ -52,9 +55,12 @@ class CompiledLLM(CompiledModel):
     their own loop. ``graph`` is the step graph (see :mod:`qcompile.llm.step`); calling the
     model like a ``CompiledModel`` runs one step on explicit inputs."""
 
-    def __init__(self, graph, target, executable, spec: LlmSpec, **kw):
+    def __init__(self, graph, target, executable, spec: LlmSpec, *, decode=None, **kw):
         super().__init__(graph, target, executable, **kw)
         self.spec = spec
+        #: the decode step's executable: the step graph lowered with one token per sequence
+        #: (static shapes for the GEMV and attention kernels); None: ``executable`` runs both
+        self._decode = decode
         self.caches: list[torch.Tensor] = []
         self._n = 0           # sequences of the current batch
         self._slot = 0        # next cache slot to write
@@ -93,8 +99,9 @@ class CompiledLLM(CompiledModel):
         n = ids.shape[0]
         slot = torch.tensor([self._slot], dtype=torch.int64)
         caches = [c[:n] for c in self.caches]
+        ex = self._decode if self._decode is not None and ids.shape[1] == 1 else self._exec
         with torch.no_grad():
-            outs = list(self._exec(ids, positions, mask, slot, *caches))
+            outs = list(ex(ids, positions, mask, slot, *caches))
         for c, new in zip(caches, outs[1:]):
             if new.data_ptr() != c.data_ptr():  # a backend that returned a fresh cache
                 c.copy_(new)
@@ -187,6 +194,21 @@ class CompiledLLM(CompiledModel):
     # -- artifacts --------------------------------------------------------------------------
     def _manifest_extra(self) -> dict:
         return {"llm": self.spec.to_json()}
+
+    def _compiled_files(self) -> dict[str, bytes]:
+        """The prefill executable's files and the decode one's under ``decode.`` (without
+        its parameters when it runs on the prefill's)."""
+        src = self._source_files()
+        if src:
+            return src
+        from qcompile.backends import get_backend
+        backend = get_backend(self.target)
+        files = dict(backend.artifacts(self._exec))
+        if self._decode is not None:
+            shared = getattr(self._decode, "_shared", None) is self._exec
+            files.update({f"{DECODE}{k}": v for k, v in backend.artifacts(self._decode).items()
+                          if not (shared and k == "params.safetensors")})
+        return files
 
     def __repr__(self) -> str:
         s = self.spec

@@ -54,10 +54,19 @@ def test_greedy_64_tokens_equal_transformers(kind):
     assert llm.generate(ids, 64, stop_tokens=[]) == _hf_greedy(model, ids, 64)
 
 
-def test_cpu_target_generates_the_same_tokens_writing_the_cache_in_place(llama):
+def test_cpu_target_generates_the_same_tokens_writing_the_cache_in_place(llama, tmp_path):
     llm = compile_llm(llama, "cpu", max_seq_len=96, max_batch=2)
     ids = _prompt(10)
-    assert llm.generate(ids, 64, stop_tokens=[]) == _hf_greedy(llama, ids, 64)
+    want = _hf_greedy(llama, ids, 64)
+    assert llm.generate(ids, 64, stop_tokens=[]) == want
+    # decode runs its own build (one token per sequence) on the prefill's parameters
+    assert llm._decode is not None and llm._decode._shared is llm._exec
+    llm.save(tmp_path / "art")
+    files = sorted(p.name for p in (tmp_path / "art").iterdir())
+    assert "decode.params.safetensors" not in files and any(f.startswith("decode.") for f in files)
+    back = qcompile.load(tmp_path / "art")
+    assert back._decode._shared is back._exec
+    assert back.generate(ids, 64, stop_tokens=[]) == want
     # the executable hands back the caller's cache tensors: nothing was copied
     caches = [c[:1] for c in llm.caches]
     llm.prefill(ids)

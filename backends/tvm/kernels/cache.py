@@ -20,7 +20,9 @@ def kv_write(batch, heads: int, seq: int, tokens, dim: int, dtype: str = "float3
         C = T.match_buffer(T.arg("cache", T.handle()), [nb, _int64(heads), _int64(seq), _int64(dim)], dtype)
         N = T.match_buffer(T.arg("new", T.handle()), [nb, _int64(heads), nt, _int64(dim)], dtype)
         S = T.match_buffer(T.arg("slot", T.handle()), [_int64(1)], "int64")
-        with T.parallel(_int64(0), nb * heads) as p:
+        # serial: a decode step writes heads x dim numbers per sequence, far less than the
+        # cost of waking the thread pool
+        with T.serial(_int64(0), nb * heads) as p:
             b = tirx.floordiv(p, _int64(heads))
             h = tirx.floormod(p, _int64(heads))
             with T.serial(_int64(0), nt) as t:
