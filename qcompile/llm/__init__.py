@@ -8,7 +8,6 @@ import time
 
 import torch
 
-from qcompile.errors import ConfigError
 from qcompile.llm.runtime import CompiledLLM, sample_next
 from qcompile.llm.spec import SUPPORTED, LlmSpec, read_spec
 from qcompile.llm.step import Step
@@ -66,17 +65,15 @@ def compile_llm(model: torch.nn.Module, target: str = "reference", *, config=Non
     backend = get_backend(target)
     config = QuantConfig.coerce(config)
     _check_data_needs_config(calibration, None, config)
-    if config is not None and calibration is None:
-        raise ConfigError("quantizing an LLM needs calibration prompts",
-                          hint="pass calibration=[token ids, ...] (a few hundred tokens of text)")
     timings = {}
     t0 = time.perf_counter()
     graph, spec = capture_llm(model, max_seq_len=max_seq_len, max_batch=max_batch)
     timings["capture_s"] = time.perf_counter() - t0
     if config is not None:
         from qcompile.passes.pipeline import quantize_graph
-        samples = [step_inputs(spec, torch.as_tensor(p, dtype=torch.int64).reshape(1, -1)[:, :max_seq_len - 1])
-                   for p in calibration]
+        samples = None if calibration is None else [
+            step_inputs(spec, torch.as_tensor(p, dtype=torch.int64).reshape(1, -1)[:, :max_seq_len - 1])
+            for p in calibration]
         t0 = time.perf_counter()
         graph, records = quantize_graph(graph, config, samples, target=target, progress=progress)
         timings["quantize_s"] = time.perf_counter() - t0

@@ -79,6 +79,25 @@ def test_cpu_target_generates_the_same_tokens_writing_the_cache_in_place(llama, 
     assert llm.generate(prompts, 12, stop_tokens=[]) == alone
 
 
+@pytest.mark.parametrize("target", ["cpu", "lut"])
+def test_quantized_weights_equal_the_fake_quant_interpreter(llama, target):
+    """W4 (RTN, groups of 32) on the kernels against the interpreter's fake-quant model,
+    within each kernel's stated bound: the cpu dequant kernels to float rounding, the LUT
+    kernels to their int8 tables' rounding (tests/backends/lut: 2.5e-2 on a tiny Llama)."""
+    cfg = {"weights": "int4", "group_size": 32}
+    bound = 1e-4 if target == "cpu" else 2.5e-2
+    ref = compile_llm(llama, "reference", config=cfg, max_seq_len=48)
+    fast = compile_llm(llama, target, config=cfg, max_seq_len=48)
+    assert fast._decode.report.get(f"linear.{'lut.' if target == 'lut' else ''}w4", 0) == 15
+    ids = _prompt(8)
+    a, b = ref.prefill(ids), fast.prefill(ids)
+    assert (a - b).norm() / a.norm() < bound
+    a, b = ref.decode_step([7]), fast.decode_step([7])
+    assert (a - b).norm() / a.norm() < bound
+    if target == "cpu":
+        assert fast.generate(ids, 16, stop_tokens=[]) == ref.generate(ids, 16, stop_tokens=[])
+
+
 def test_prefill_and_decode_logits_equal_transformers(llama, llama_ref):
     ids = _prompt(9)
     with torch.no_grad():
@@ -159,8 +178,6 @@ def test_bad_inputs(llama_ref):
         compile_llm(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="max_seq_len"):
         compile_llm(_model(), max_seq_len=0)
-    with pytest.raises(ConfigError, match="calibration"):
-        compile_llm(_model(), config=qcompile.QuantConfig())
     llama_ref.reset()
     with pytest.raises(InputError, match="before prefill"):
         llama_ref.decode_step([1])
