@@ -1,4 +1,5 @@
-"""The ``qcompile`` command: ``inspect``, ``build``, ``run``, ``bench`` and ``info``."""
+"""The ``qcompile`` command: ``inspect``, ``build``, ``run``, ``bench``, ``generate`` and
+``info``."""
 from __future__ import annotations
 
 import argparse
@@ -96,10 +97,43 @@ def _labels(path: str | None):
                                  "give an .npy with one label per calibration sample"))
 
 
+def _is_hf_dir(spec: str) -> bool:
+    """A Hugging Face model directory (a ``config.json`` beside the weights)."""
+    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json"))
+
+
+def _build_llm(a) -> int:
+    """``build`` of a Hugging Face causal-LM directory: ``compile_llm``, tokenizer kept."""
+    import qcompile
+    from qcompile.errors import ConfigError
+    if a.plan is not None or "," in a.target or a.tune_trials or a.labels:
+        raise ConfigError("an LLM directory builds for one target, without --plan, "
+                          "--tune-trials or --labels", hint="drop those options")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ConfigError(f"building an LLM directory needs transformers ({e})",
+                          hint="pip install 'qcompile[models]'") from e
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype="float32").eval()
+    cal = None
+    if a.calibration:
+        arr = _read_array_file(a.calibration, "calibration", "an .npy of token ids [samples, length]")
+        cal = [row[None] for row in np.asarray(arr)]
+    llm = qcompile.compile_llm(model, a.target, config=a.config, calibration=cal,
+                               max_seq_len=a.max_seq_len, max_batch=a.max_batch)
+    out = llm.save(a.output, overwrite=a.force)
+    print(f"built {a.model} ({llm.spec.model_type}, {llm.spec.layers} layers) for {a.target} in "
+          f"{time.perf_counter() - t0:.2f}s -> {out}")
+    return 0
+
+
 def cmd_build(a) -> int:
     import qcompile
     from qcompile.runtime import check_destination
     check_destination(a.output, overwrite=a.force)  # refuse before the (slow) compile
+    if _is_hf_dir(a.model):
+        return _build_llm(a)
     from qcompile.api import _is_multi
     multi = _is_multi(a.target)
     if a.plan is not None and not multi:
@@ -160,6 +194,35 @@ def cmd_run(a) -> int:
         Path(a.output).mkdir(parents=True, exist_ok=True)
         for i, t in enumerate(outs):
             np.save(Path(a.output) / f"output_{i}.npy", t.detach().cpu().numpy())
+    return 0
+
+
+def cmd_generate(a) -> int:
+    """Generate from a built LLM, printing the text as it comes and tokens/s at the end."""
+    import qcompile
+    from qcompile.errors import InputError
+    llm = qcompile.load(a.artifact)
+    if not isinstance(llm, qcompile.CompiledLLM):
+        raise InputError(f"{a.artifact} is not a compiled LLM",
+                         hint="build one from a Hugging Face model directory (qcompile build "
+                              "DIR ...) or with qcompile.compile_llm")
+    tok = llm.tokenizer(a.tokenizer)
+    ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+    made: list[int] = []
+    shown = [0]
+    print(a.prompt, end="", flush=True)
+
+    def stream(_b: int, t: int) -> None:
+        made.append(t)
+        text = tok.decode(made, skip_special_tokens=True)
+        print(text[shown[0]:], end="", flush=True)
+        shown[0] = len(text)
+    t0 = time.perf_counter()
+    llm.generate(ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                 seed=a.seed, callback=stream)
+    secs = time.perf_counter() - t0
+    print(f"\n[{len(made)} tokens in {secs:.2f}s: {len(made) / max(secs, 1e-9):.1f} tokens/s, "
+          f"prompt {ids.shape[1]} tokens, target {llm.target}]")
     return 0
 
 
@@ -384,7 +447,8 @@ def cmd_info(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcompile", description="Compile quantized neural networks.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    m_help = "an .onnx file, or package.module:factory returning (model, example_inputs[, dynamic_shapes])"
+    m_help = ("an .onnx file, package.module:factory returning (model, example_inputs[, "
+              "dynamic_shapes]), or a Hugging Face causal-LM directory (Llama, Qwen2, Mistral)")
     s = sub.add_parser("inspect", help="capture a model and print its IR summary and op histogram")
     s.add_argument("model", help=m_help)
     s.add_argument("--ir", action="store_true", help="print the whole IR listing")
@@ -409,7 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace whatever is at the output path; without it only an existing "
                         "artifact (or an empty directory) is replaced")
+    s.add_argument("--max-seq-len", type=int, default=512,
+                   help="a Hugging Face LLM directory: prompt plus generated tokens (KV cache size)")
+    s.add_argument("--max-batch", type=int, default=1,
+                   help="a Hugging Face LLM directory: sequences generated at once")
     s.set_defaults(fn=cmd_build)
+    s = sub.add_parser("generate", help="generate text with an LLM built from a Hugging Face "
+                                        "model directory")
+    s.add_argument("artifact", help="directory written by `qcompile build MODEL_DIR` or "
+                                    "CompiledLLM.save")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--tokenizer", help="a tokenizer directory, when the artifact has none")
+    s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("run", help="run a built artifact on .npy inputs")
     s.add_argument("artifact", help="directory written by `qcompile build`")
     s.add_argument("--input", action="append", help="an input .npy file, once per model input, in order")

@@ -331,11 +331,13 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     backend = get_backend(target)
     if "llm" in manifest:  # a decoder LLM's step graph: generate() and its KV cache
         from qcompile.llm import lower_step
-        from qcompile.llm.runtime import CompiledLLM
+        from qcompile.llm.runtime import TOKENIZER_FILES, CompiledLLM
         from qcompile.llm.spec import LlmSpec
-        prefill, decode = lower_step(backend, graph, target, extra)
+        tok = {f: b for f, b in extra.items() if f in TOKENIZER_FILES}
+        prefill, decode = lower_step(backend, graph, target,
+                                     {f: b for f, b in extra.items() if f not in tok})
         cm = CompiledLLM(graph, target, prefill, LlmSpec.from_json(manifest["llm"]),
-                         decode=decode, isa=manifest.get("isa"))
+                         decode=decode, isa=manifest.get("isa"), tokenizer_files=tok)
     else:
         cm = CompiledModel(graph, target, backend.load(graph, target, extra), isa=manifest.get("isa"))
     cm._source = (d.resolve(), {f: files[f] for f in extra})

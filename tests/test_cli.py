@@ -200,3 +200,42 @@ def test_build_across_devices_prints_the_plan_and_takes_pins_back(tmp_path, caps
     captured = capsys.readouterr()
     assert "unknown plan keys" in captured.err and "placement costs" not in captured.err
     assert not (tmp_path / "c").exists()
+
+
+def _llm_dir(tmp_path):
+    """A random-weight Llama directory with a real tokenizer (MiniLM's WordPiece: offline)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcompile.zoo import _minilm_path
+    src = _minilm_path()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, vocab_size=30522)
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{src}/{f}", d / f)
+    return d
+
+
+def test_build_an_llm_directory_and_generate(tmp_path, capsys):
+    d = _llm_dir(tmp_path)
+    out = tmp_path / "llm"
+    assert main(["build", str(d), "--target", "reference", "-o", str(out), "--max-seq-len", "32"]) == 0
+    assert "llama, 1 layers" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("hello world") and "6 tokens in" in text and "tokens/s" in text
+    # the tokens printed are the model's greedy tokens
+    llm = qcompile.load(out)
+    tok = llm.tokenizer()
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    want = tok.decode(llm.generate(ids, 6)[0], skip_special_tokens=True)
+    assert want in text
+    # a model artifact is not an LLM
+    cm = qcompile.compile(mlp()[0], "reference", example_inputs=mlp()[1])
+    cm.save(tmp_path / "mlp")
+    assert main(["generate", str(tmp_path / "mlp"), "--prompt", "x"]) == 2
+    assert "not a compiled LLM" in capsys.readouterr().err

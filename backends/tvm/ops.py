@@ -367,10 +367,11 @@ def _kv_write(L, n, a):
     the caller's cache tensor itself (see ``TVMExecutable``)."""
     from tvm import relax
 
-    from qcompile.backends.tvm.kernels.cache import kv_write
+    from qcompile.backends.tvm.kernels.cache import kv_write, kv_write_quant
     from qcompile.backends.tvm.lower import _with_root_block
     from qcompile.errors import BackendError
     ct, nt = n.inputs[0].type, n.inputs[1].type
+    bits = n.attrs["bits"]
     if ct.rank != 4 or n.attrs["axis"] not in (2, -2) or not all(
             isinstance(d, int) for d in (ct.shape[1], ct.shape[2], ct.shape[3])):
         raise BackendError(f"kv_write on {ct} along axis {n.attrs['axis']}: the TVM backend "
@@ -378,12 +379,22 @@ def _kv_write(L, n, a):
                            hint="capture with qcompile.llm, which lays the cache out that way")
     batch = ct.shape[0] if isinstance(ct.shape[0], int) else None
     tokens = nt.shape[2] if isinstance(nt.shape[2], int) else None
-    func = L.kernel(kv_write, batch, ct.shape[1], ct.shape[2], tokens, ct.shape[3], ct.dtype)
+    if bits:
+        func = L.kernel(kv_write_quant, batch, ct.shape[1], ct.shape[2], tokens, nt.shape[3], bits)
+    else:
+        func = L.kernel(kv_write, batch, ct.shape[1], ct.shape[2], tokens, ct.shape[3], ct.dtype)
     func = _with_root_block(func).with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     gv = L.bb.add_func(func.without_attr("global_symbol"), "kv_write")
     slot = L.cast(a[2], "int64")
     return relax.op.call_tir_inplace(gv, [a[0], a[1], slot], [0],
                                      relax.TensorType(L.shape(_out(n)), ct.dtype))
+
+
+@register_lowering("kv_read")
+def _kv_read(L, n, a):
+    from qcompile.backends.tvm.kernels.cache import kv_read_rows
+    return L.emit_te(lambda c: kv_read_rows(c, n.attrs["bits"], n.attrs["dim"]), a[0],
+                     name="kv_read")
 
 
 @register_lowering("rotary")

@@ -354,23 +354,43 @@ def _sdpa(im, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
 
 
 @torch.library.custom_op("qcompile::kv_write", mutates_args=())
-def kv_write(cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, axis: int = -2) -> torch.Tensor:
+def kv_write(cache: torch.Tensor, new: torch.Tensor, slot: torch.Tensor, axis: int = -2,
+             bits: int = 0) -> torch.Tensor:
     """The IR's ``kv_write`` for torch models to call (``qcompile.llm`` does): ``cache`` with
-    ``new`` written along ``axis`` from position ``slot[0]``. Functional in eager torch (a
-    copy); captured whole, and run in place by qcompile."""
+    ``new`` written along ``axis`` from position ``slot[0]`` (quantized rows when ``bits``).
+    Functional in eager torch (a copy); captured whole, and run in place by qcompile."""
+    from qcompile.ir.ops.nn import kv_quantize_rows
     out = cache.clone()
-    out.narrow(axis, int(slot.reshape(-1)[0]), new.shape[axis]).copy_(new)
+    out.narrow(axis, int(slot.reshape(-1)[0]), new.shape[axis]).copy_(
+        kv_quantize_rows(new, bits) if bits else new)
     return out
 
 
 @kv_write.register_fake
-def _kv_write_fake(cache, new, slot, axis=-2):
+def _kv_write_fake(cache, new, slot, axis=-2, bits=0):
     return torch.empty_like(cache)
 
 
+@torch.library.custom_op("qcompile::kv_read", mutates_args=())
+def kv_read(cache: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The IR's ``kv_read``: a quantized KV cache's rows as fp32."""
+    from qcompile.ir.ops.nn import kv_dequantize_rows
+    return kv_dequantize_rows(cache, bits, dim)
+
+
+@kv_read.register_fake
+def _kv_read_fake(cache, bits, dim):
+    return cache.new_empty((*cache.shape[:-1], dim), dtype=torch.float32)
+
+
 @_reg(torch.ops.qcompile.kv_write.default)
-def _kv_write(im, cache, new, slot, axis=-2):
-    return im.emit("kv_write", cache, new, slot, axis=axis)
+def _kv_write(im, cache, new, slot, axis=-2, bits=0):
+    return im.emit("kv_write", cache, new, slot, axis=axis, bits=bits)
+
+
+@_reg(torch.ops.qcompile.kv_read.default)
+def _kv_read(im, cache, bits, dim):
+    return im.emit("kv_read", cache, bits=bits, dim=dim)
 
 
 @_reg(aten.embedding)

@@ -23,6 +23,9 @@ __all__ = ["CompiledLLM", "sample_next", "DECODE"]
 
 #: the prefix of the decode executable's files in an artifact
 DECODE = "decode."
+#: a Hugging Face tokenizer's files, kept in the artifact when the model's directory has them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
@@ -55,9 +58,12 @@ class CompiledLLM(CompiledModel):
     their own loop. ``graph`` is the step graph (see :mod:`qcompile.llm.step`); calling the
     model like a ``CompiledModel`` runs one step on explicit inputs."""
 
-    def __init__(self, graph, target, executable, spec: LlmSpec, *, decode=None, **kw):
+    def __init__(self, graph, target, executable, spec: LlmSpec, *, decode=None,
+                 tokenizer_files: dict[str, bytes] | None = None, **kw):
         super().__init__(graph, target, executable, **kw)
         self.spec = spec
+        #: the model's tokenizer files (saved with the artifact, for ``qcompile generate``)
+        self.tokenizer_files = dict(tokenizer_files or {})
         #: the decode step's executable: the step graph lowered with one token per sequence
         #: (static shapes for the GEMV and attention kernels); None: ``executable`` runs both
         self._decode = decode
@@ -70,7 +76,8 @@ class CompiledLLM(CompiledModel):
     # -- state ------------------------------------------------------------------------------
     def _alloc(self) -> None:
         if not self.caches:
-            self.caches = [torch.zeros(self.spec.cache_shape) for _ in range(2 * self.spec.layers)]
+            self.caches = [torch.zeros(self.spec.cache_shape, dtype=self.spec.cache_dtype)
+                           for _ in range(2 * self.spec.layers)]
 
     def reset(self) -> None:
         """Forget the current sequences (the cache memory stays allocated)."""
@@ -196,19 +203,36 @@ class CompiledLLM(CompiledModel):
         return {"llm": self.spec.to_json()}
 
     def _compiled_files(self) -> dict[str, bytes]:
-        """The prefill executable's files and the decode one's under ``decode.`` (without
-        its parameters when it runs on the prefill's)."""
+        """The prefill executable's files, the decode one's under ``decode.`` (those equal to
+        the prefill's — the parameters they share — once) and the tokenizer's."""
         src = self._source_files()
         if src:
             return src
         from qcompile.backends import get_backend
         backend = get_backend(self.target)
-        files = dict(backend.artifacts(self._exec))
+        mine = backend.artifacts(self._exec)
+        files = {**self.tokenizer_files, **mine}
         if self._decode is not None:
-            shared = getattr(self._decode, "_shared", None) is self._exec
+            # a file the decode build shares with the prefill one (its parameters) is kept once
             files.update({f"{DECODE}{k}": v for k, v in backend.artifacts(self._decode).items()
-                          if not (shared and k == "params.safetensors")})
+                          if mine.get(k) != v})
         return files
+
+    def tokenizer(self, directory=None):
+        """The Hugging Face tokenizer saved with the model (or the one in ``directory``)."""
+        import tempfile
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+        if directory is not None:
+            return AutoTokenizer.from_pretrained(directory)
+        if not self.tokenizer_files:
+            raise InputError("this model was compiled without its tokenizer's files",
+                             hint="pass the model directory's tokenizer (--tokenizer DIR)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in self.tokenizer_files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return AutoTokenizer.from_pretrained(tmp)
 
     def __repr__(self) -> str:
         s = self.spec

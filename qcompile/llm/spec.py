@@ -25,7 +25,8 @@ class LlmSpec:
     """Sizes of a decoder LLM and the choices its runtime makes.
 
     ``sliding_window``: every layer attends to at most that many past positions (Mistral);
-    None: full attention. ``eos``: the token ids that end a sequence by default."""
+    None: full attention. ``eos``: the token ids that end a sequence by default.
+    ``kv_bits``: 0 (an fp32 KV cache), 8 or 4 (stored quantized per token)."""
 
     model_type: str
     layers: int
@@ -39,11 +40,19 @@ class LlmSpec:
     sliding_window: int | None = None
     eos: tuple[int, ...] = ()
     pad: int = 0
+    kv_bits: int = 0
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
-        """One layer's K (or V) cache: [max_batch, kv_heads, max_seq_len, head_dim]."""
-        return (self.max_batch, self.kv_heads, self.max_seq_len, self.head_dim)
+        """One layer's K (or V) cache: [max_batch, kv_heads, max_seq_len, head_dim] fp32, or
+        with ``kv_bits`` uint8 rows of codes and their scale (``kv_row_bytes``)."""
+        from qcompile.ir.ops.nn import kv_row_bytes
+        last = kv_row_bytes(self.head_dim, self.kv_bits) if self.kv_bits else self.head_dim
+        return (self.max_batch, self.kv_heads, self.max_seq_len, last)
+
+    @property
+    def cache_dtype(self):
+        return torch.uint8 if self.kv_bits else torch.float32
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

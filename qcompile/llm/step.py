@@ -8,7 +8,8 @@
   ``max_seq_len``, made once by the model's own ``rotary_emb``, so RoPE scaling — linear,
   Llama 3, YaRN — is the model's);
 * each layer writes its new keys and values into its caches at ``slot`` .. ``slot + T - 1``
-  (``kv_write``, in place) and attends over the whole cache with ``mask`` [B, 1, T, S]
+  (``kv_write``, in place; quantized per token when ``LlmSpec.kv_bits`` is 8 or 4, read back
+  by ``kv_read``) and attends over the whole cache with ``mask`` [B, 1, T, S]
   (bool, True = attend; S = ``max_seq_len``), so one graph serves prefill and decode and
   every shape but B and T is static;
 * only the last position's hidden state reaches the LM head (the logits [B, 1, vocab] of
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.frontends.pytorch import kv_write
+from qcompile.frontends.pytorch import kv_read, kv_write
 from qcompile.llm.spec import LlmSpec
 
 __all__ = ["Step", "rotary_tables"]
@@ -72,9 +73,11 @@ class Step(torch.nn.Module):
             v = attn.v_proj(h).view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            kc = kv_write(caches[2 * i], k, slot)
-            vc = kv_write(caches[2 * i + 1], v, slot)
+            kc = kv_write(caches[2 * i], k, slot, bits=s.kv_bits)
+            vc = kv_write(caches[2 * i + 1], v, slot, bits=s.kv_bits)
             new_caches += [kc, vc]
+            if s.kv_bits:  # a quantized cache: attention reads its rows dequantized
+                kc, vc = kv_read(kc, s.kv_bits, s.head_dim), kv_read(vc, s.kv_bits, s.head_dim)
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, kc, vc, attn_mask=mask, scale=attn.scaling,
                 enable_gqa=s.kv_heads != s.heads)

@@ -63,7 +63,7 @@ def test_cpu_target_generates_the_same_tokens_writing_the_cache_in_place(llama, 
     assert llm._decode is not None and llm._decode._shared is llm._exec
     llm.save(tmp_path / "art")
     files = sorted(p.name for p in (tmp_path / "art").iterdir())
-    assert "decode.params.safetensors" not in files and any(f.startswith("decode.") for f in files)
+    assert "decode.tvm_params.safetensors" not in files and "decode.model.so" in files
     back = qcompile.load(tmp_path / "art")
     assert back._decode._shared is back._exec
     assert back.generate(ids, 64, stop_tokens=[]) == want
@@ -204,3 +204,24 @@ def test_cache_inputs_must_only_feed_their_kv_write(llama):
     graph.outputs[0] = graph.add("neg", cache)  # a second reader of the cache
     with pytest.raises(VerificationError, match="read only by the kv_write"):
         check_step_graph(graph, spec)
+
+
+@pytest.mark.parametrize("kv,ratio,err", [("int8", 3.2, 1e-2), ("int4", 5.3, 1.5e-1)])
+def test_quantized_kv_cache_is_stored_small_and_read_directly(llama, llama_ref, kv, ratio, err):
+    cfg = {"weights": None, "kv_cache": kv}
+    ref = compile_llm(llama, "reference", config=cfg, max_seq_len=96, max_batch=3)
+    cpu = compile_llm(llama, "cpu", config=cfg, max_seq_len=96, max_batch=3)
+    ids = _prompt(10)
+    exact = llama_ref.prefill(ids)
+    a, b = ref.prefill(ids), cpu.prefill(ids)
+    assert ref.caches[0].dtype == torch.uint8
+    assert llama_ref.cache_bytes / ref.cache_bytes == pytest.approx(ratio, rel=0.02)
+    assert (a - exact).norm() / exact.norm() < err            # the quantization's own error
+    assert (a - b).norm() / a.norm() < 1e-5                   # both backends read it alike
+    assert ref.graph.op_histogram()["kv_read"] == 4
+    assert ref.generate(ids, 16, stop_tokens=[]) == cpu.generate(ids, 16, stop_tokens=[])
+
+
+def test_kv_cache_formats_compile_llm_cannot_store_are_refused(llama):
+    with pytest.raises(ConfigError, match="cannot be stored"):
+        compile_llm(llama, config={"weights": None, "kv_cache": "fp8_e4m3"})

@@ -10,7 +10,7 @@ from qcompile.ir.ops._infer import broadcast_shapes, norm_axis, reduce_shape, sa
 from qcompile.ir.registry import Attr, op
 from qcompile.ir.types import TensorType, dim_expr, dims_equal, is_float, make_dim
 
-__all__: list[str] = []
+__all__ = ["kv_row_bytes", "kv_quantize_rows", "kv_dequantize_rows"]
 
 
 def _check_dim(a, b, what):
@@ -177,24 +177,70 @@ def attention(q, k, v, mask, scale, causal, gqa):
                                           enable_gqa=gqa)
 
 
+def kv_row_bytes(dim: int, bits: int) -> int:
+    """Bytes of one quantized cache row: ``dim`` codes of ``bits`` and its fp32 scale."""
+    return dim * bits // 8 + 4
+
+
+def kv_quantize_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows ``x`` [..., dim] as stored in a quantized KV cache (uint8 [..., kv_row_bytes]):
+    symmetric per-token codes (KIVI's value scheme, Liu et al. 2024 §3; the per-token key
+    variant of KVQuant, Hooper et al. 2024) ``q = clamp(round(x / s), -m, m)`` with
+    ``s = max|x| / m`` and ``m = 2**(bits-1) - 1``, round half to even; int8 codes one per
+    byte, int4 codes two per byte (low nibble first); the fp32 scale in the last 4 bytes."""
+    m = (1 << (bits - 1)) - 1
+    x = x.float()
+    s = x.abs().amax(-1, keepdim=True) / m
+    q = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1.0)), 0.0).clamp(-m, m)
+    q = q.to(torch.int8)
+    if bits == 4:
+        q = (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
+    codes = q.view(torch.uint8)
+    return torch.cat([codes, s.contiguous().view(torch.uint8)], -1)
+
+
+def kv_dequantize_rows(rows: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The fp32 rows [..., dim] that :func:`kv_quantize_rows` stored."""
+    ncode = dim * bits // 8
+    s = rows[..., ncode:].contiguous().view(torch.float32)
+    c = rows[..., :ncode].contiguous().view(torch.int8)
+    if bits == 4:
+        lo = (c << 4) >> 4                      # sign-extend each nibble
+        hi = c >> 4
+        c = torch.stack([lo, hi], -1).flatten(-2)
+    return c.float() * s
+
+
 def _kv_write_infer(t, a):
     cache, new, slot = t
     if cache.rank != new.rank:
         raise ValueError(f"kv_write: cache {cache} and new rows {new} differ in rank")
     axis = norm_axis(a["axis"], cache.rank)
+    bits = a["bits"]
+    if bits not in (0, 4, 8):
+        raise ValueError(f"kv_write: bits must be 0 (float rows), 8 or 4, got {bits}")
     for i, (c, n) in enumerate(zip(cache.shape, new.shape)):
-        if i != axis:
+        if i == cache.rank - 1 and bits:
+            if not isinstance(n, int) or c != kv_row_bytes(n, bits) or cache.dtype != "uint8":
+                raise ValueError(f"kv_write: a {bits}-bit cache holds uint8 rows of "
+                                 f"{kv_row_bytes(n, bits) if isinstance(n, int) else '?'} bytes "
+                                 f"for rows of {n}; got {cache}")
+        elif i != axis:
             _check_dim(c, n, f"kv_write cache vs new rows (axis {i})")
+    if axis == cache.rank - 1 and bits:
+        raise ValueError("kv_write: a quantized cache is written along a row axis, not the last")
     if slot.dtype not in ("int32", "int64") or slot.rank != 1:
         raise ValueError(f"kv_write: slot must be an int32/int64 tensor of shape [1], got {slot}")
     return cache
 
 
-@op("kv_write", inputs=("cache", "new", "slot"), attrs={"axis": Attr("int", -2)},
-    infer=_kv_write_infer)
-def kv_write(cache, new, slot, axis):
+@op("kv_write", inputs=("cache", "new", "slot"),
+    attrs={"axis": Attr("int", -2), "bits": Attr("int", 0)}, infer=_kv_write_infer)
+def kv_write(cache, new, slot, axis, bits):
     """The KV cache as state: ``new``'s rows written into ``cache`` along ``axis`` at
     positions ``slot[0]`` .. ``slot[0] + new.shape[axis] - 1``; the result is ``cache``.
+    ``bits`` 8 or 4: the cache stores each row quantized (:func:`kv_quantize_rows`, uint8
+    rows of :func:`kv_row_bytes`); 0: as it is.
 
     The only op that updates an input in place (as llama.cpp's ``ggml_cpy`` into a view of
     its cache, or ORT's GroupQueryAttention with a shared past/present buffer): a decode step
@@ -206,8 +252,23 @@ def kv_write(cache, new, slot, axis):
     if start < 0 or start + n > cache.shape[axis]:
         raise IndexError(f"kv_write: rows {start}..{start + n - 1} outside a cache of "
                          f"{cache.shape[axis]} positions")
-    cache.narrow(axis, start, n).copy_(new)
+    cache.narrow(axis, start, n).copy_(kv_quantize_rows(new, bits) if bits else new)
     return cache
+
+
+def _kv_read_infer(t, a):
+    c = t[0]
+    if c.dtype != "uint8" or c.shape[-1] != kv_row_bytes(a["dim"], a["bits"]):
+        raise ValueError(f"kv_read: a {a['bits']}-bit cache of rows of {a['dim']} is uint8 "
+                         f"[..., {kv_row_bytes(a['dim'], a['bits'])}]; got {c}")
+    return TensorType(c.shape[:-1] + (a["dim"],), "float32")
+
+
+@op("kv_read", inputs=("cache",), attrs={"bits": Attr("int"), "dim": Attr("int")},
+    infer=_kv_read_infer)
+def kv_read(cache, bits, dim):
+    """A quantized KV cache's rows as fp32 (:func:`kv_dequantize_rows`): what attention reads."""
+    return kv_dequantize_rows(cache, bits, dim)
 
 
 @op("rotary", inputs=("x", "cos", "sin"),
