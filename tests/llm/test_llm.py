@@ -98,6 +98,15 @@ def test_quantized_weights_equal_the_fake_quant_interpreter(llama, target):
         assert fast.generate(ids, 16, stop_tokens=[]) == ref.generate(ids, 16, stop_tokens=[])
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_cpu_target_on_qwen2_and_mistral(kind):
+    """QKV bias (Qwen2) and the sliding window (Mistral) through the cpu kernels."""
+    model = _model(kind, **({"sliding_window": 8} if kind == "mistral" else {}))
+    llm = compile_llm(model, "cpu", max_seq_len=64)
+    ids = _prompt(12)
+    assert llm.generate(ids, 32, stop_tokens=[]) == _hf_greedy(model, ids, 32)
+
+
 def test_prefill_and_decode_logits_equal_transformers(llama, llama_ref):
     ids = _prompt(9)
     with torch.no_grad():
