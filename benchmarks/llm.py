@@ -166,7 +166,8 @@ def llama_cpp_available() -> str | None:
         import llama_cpp  # noqa: F401
     except Exception as e:  # noqa: BLE001 - not built: say so
         return (f"llama-cpp-python is not installed ({type(e).__name__}: {e}); build it with "
-                f"CMAKE_ARGS=-DGGML_NATIVE=ON pip install --no-deps --target {lib} llama-cpp-python diskcache")
+                f"CMAKE_ARGS=-DGGML_NATIVE=ON pip install --no-deps --target {lib} "
+                "llama-cpp-python diskcache")
     if not (PEERS / "llama_cpp_tools" / "convert_hf_to_gguf.py").is_file():
         return (f"llama.cpp's convert_hf_to_gguf.py (with conversion/, gguf-py/ and "
                 f"models/ggml-vocab-llama-spm.gguf) is not in {PEERS / 'llama_cpp_tools'}: copy "

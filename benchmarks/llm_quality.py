@@ -135,8 +135,9 @@ def sequences(tok, docs: list[str]) -> torch.Tensor:
 
 def trained_model(train_ids: torch.Tensor, steps: int):
     """The Llama trained on ``train_ids`` (AdamW, cosine schedule, batch 16), cached."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     import hashlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
     key = hashlib.sha256(json.dumps(ARCH, sort_keys=True).encode()).hexdigest()[:8]
     d = CACHE / f"llm_quality_model_{key}_{steps}"
     if (d / "config.json").is_file():

@@ -12,7 +12,8 @@ from qcompile.llm.runtime import CompiledLLM, sample_next
 from qcompile.llm.spec import SUPPORTED, LlmSpec, read_spec
 from qcompile.llm.step import Step
 
-__all__ = ["compile_llm", "capture_llm", "lower_step", "CompiledLLM", "LlmSpec", "sample_next", "SUPPORTED"]
+__all__ = ["compile_llm", "capture_llm", "lower_step", "CompiledLLM", "LlmSpec", "sample_next",
+           "SUPPORTED"]
 
 
 def step_inputs(spec: LlmSpec, ids: torch.Tensor) -> tuple:
@@ -51,9 +52,6 @@ def capture_llm(model: torch.nn.Module, *, max_seq_len: int = 256, max_batch: in
     # the caches are forward's *caches: one tuple in the structure export compares
     dyn = ({**bdim, 1: tokens}, {**bdim, 1: tokens}, {**bdim, 2: tokens}, None,
            tuple(dict(bdim) or None for _ in range(2 * spec.layers)))
-    if batch is None:
-        example = (example[0][:1], example[1][:1], example[2][:1], example[3],
-                   *[c[:1] for c in example[4:]])
     graph = capture(step, example, dynamic_shapes=dyn)
     graph.name = f"{spec.model_type}_step"
     check_step_graph(graph, spec)

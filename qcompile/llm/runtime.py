@@ -249,7 +249,8 @@ def _left_pad(input_ids, attention_mask, pad: int) -> tuple[torch.Tensor, torch.
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be [batch, length] with length >= 1, got {list(ids.shape)}")
-        am = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(torch.int64)
+        am = (torch.ones_like(ids) if attention_mask is None
+              else torch.as_tensor(attention_mask).to(torch.int64))
         if am.shape != ids.shape:
             raise InputError(f"attention_mask {list(am.shape)} does not match input_ids {list(ids.shape)}")
         if bool((am[:, -1] == 0).any()):

@@ -556,7 +556,8 @@ def test_terminals_carry_the_callers_tensors(mlp_graph, timer):
     g = cm.problem.graph
     assert g.nodes["<input x>"]["cost"]["ref"] == 0.0
     assert g.nodes["<input x>"]["cost"]["gpu"] == pytest.approx(pcie.latency + 3 * 8 * 4 / pcie.bandwidth)
-    assert g.nodes["<output 0 fc2>"]["cost"]["gpu"] == pytest.approx(pcie.latency + 3 * 4 * 4 / pcie.bandwidth)
+    assert g.nodes["<output 0 fc2>"]["cost"]["gpu"] == pytest.approx(
+        pcie.latency + 3 * 4 * 4 / pcie.bandwidth)
     assert g.edges["<input x>", "fc1"]["bytes"] == 3 * 8 * 4
     assert set(cm.groups) == {"fc1", "fc2"}  # terminals are not groups
     # with every device in host memory there is nothing to carry

@@ -83,8 +83,8 @@ def kv_write_quant(batch, heads: int, seq: int, tokens, dim: int, bits: int):
                             with T.serial(_int64(0), _int64(dim // 2)) as j:
                                 lo = tirx.bitwise_and(code(j * 2), tirx.const(0xF, "int32"))
                                 hi = tirx.bitwise_and(code(j * 2 + 1), tirx.const(0xF, "int32"))
-                                T.buffer_store(C, byte(tirx.bitwise_or(lo, tirx.shift_left(hi, tirx.const(4, "int32")))),
-                                               [b, h, row, j])
+                                packed = tirx.bitwise_or(lo, tirx.shift_left(hi, tirx.const(4, "int32")))
+                                T.buffer_store(C, byte(packed), [b, h, row, j])
                         u = tirx.reinterpret("int32", sc[0])
                         for k in range(4):
                             T.buffer_store(C, byte(tirx.shift_right(u, tirx.const(8 * k, "int32"))),
