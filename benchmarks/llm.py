@@ -95,6 +95,12 @@ def build_artifacts(d: Path, names: list[str]) -> dict[str, Path]:
     for name in names:
         target, config = QCOMPILE[name]
         art = CACHE / "artifacts" / f"{d.name}-{name.replace(' ', '-')}-{qcompile.__version__}"
+        if (art / "manifest.json").is_file():
+            try:  # a cached build from older code may no longer load: build it again
+                qcompile.load(art)
+            except qcompile.QCompileError as e:
+                print(f"  rebuilding {name}: the cached build does not load ({e})", flush=True)
+                (art / "manifest.json").unlink()
         if not (art / "manifest.json").is_file():
             model = model or load_hf(d)
             t0 = time.perf_counter()
