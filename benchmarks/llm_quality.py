@@ -165,15 +165,6 @@ def trained_model(train_ids: torch.Tensor, steps: int):
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-class _Logits(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids, use_cache=False).logits
-
-
 def perplexity(cm, rows: torch.Tensor) -> float:
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -199,6 +190,7 @@ def main() -> None:
     print(f"corpus: {len(train_docs)} training / {len(test_docs)} held-out docstrings, "
           f"{train_ids.numel()} / {test_ids.numel()} tokens", flush=True)
     model = trained_model(train_ids, a.steps)
+    from qcompile.zoo import _Logits
     wrapped = _Logits(model).eval()
     cal = [(train_ids[i][None],) for i in range(0, 32 * 7, 7)]
     rows = test_ids[:a.eval_rows]
